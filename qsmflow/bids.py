@@ -1,0 +1,331 @@
+"""Find multi-echo GRE inputs in a BIDS dataset, and name and write qsmflow's derivatives.
+
+Inputs are queried with pybids; every problem is reported as an :class:`InputError` whose
+message names the offending file. Derivatives follow BIDS-Derivatives naming, keeping the
+input's ``sub``, ``ses``, ``acq``, ``rec`` and ``run`` entities.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+#: Suffixes of the gradient-echo images qsmflow reconstructs.
+GRE_SUFFIXES = ("MEGRE", "T2starw")
+#: Entities that identify one scan (all echoes and parts of one acquisition).
+SCAN_ENTITIES = ("subject", "session", "acquisition", "reconstruction", "run")
+_ENTITY_KEYS = {"subject": "sub", "session": "ses", "acquisition": "acq", "reconstruction": "rec", "run": "run"}
+_LABEL_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
+
+
+class InputError(ValueError):
+    """A problem with the input dataset; the message names the file and the problem."""
+
+
+@dataclass
+class Scan:
+    """One gradient-echo acquisition: all its echoes, magnitude and phase."""
+
+    entities: dict
+    suffix: str
+    magnitude_files: list[str]
+    phase_files: list[str]
+    echo_times: list[float]
+    field_strength: float | None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def subject(self) -> str:
+        return self.entities["subject"]
+
+    @property
+    def name(self) -> str:
+        """BIDS-style prefix of the scan, e.g. ``sub-01_ses-1_run-2``."""
+        return bids_prefix(self.entities)
+
+    @property
+    def node_name(self) -> str:
+        """The scan as a valid nipype node name."""
+        return re.sub(r"[^A-Za-z0-9]", "_", self.name)
+
+
+def bids_prefix(entities: dict) -> str:
+    """``sub-X[_ses-Y][_acq-Z][_rec-R][_run-N]`` from a pybids entity dict."""
+    parts = [f"{_ENTITY_KEYS[name]}-{entities[name]}" for name in SCAN_ENTITIES if entities.get(name) is not None]
+    return "_".join(parts)
+
+
+def check_participant_labels(labels) -> list[str] | None:
+    """Strip ``sub-`` prefixes and reject labels that are not BIDS labels (e.g. paths)."""
+    if not labels:
+        return None
+    cleaned = []
+    for label in labels:
+        bare = label[4:] if label.startswith("sub-") else label
+        if not _LABEL_PATTERN.match(bare):
+            raise InputError(f"--participant-label {label!r}: not a BIDS label (letters and digits only)")
+        cleaned.append(bare)
+    return cleaned
+
+
+def check_dataset(bids_dir: Path) -> None:
+    """Fail early on a path that is not a BIDS dataset."""
+    if not bids_dir.is_dir():
+        raise InputError(f"{bids_dir}: BIDS directory does not exist")
+    description = bids_dir / "dataset_description.json"
+    if not description.is_file():
+        raise InputError(f"{description}: missing; {bids_dir} is not a BIDS dataset")
+    try:
+        json.loads(description.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{description}: not valid JSON ({error})") from None
+
+
+def check_output_dir(bids_dir: Path, output_dir: Path) -> None:
+    """Refuse an output directory that would write into the input dataset.
+
+    ``BIDS_DIR/derivatives/...`` is the BIDS convention and is allowed; anywhere else inside
+    the input dataset (or the dataset itself) is refused.
+    """
+    bids_dir = bids_dir.resolve()
+    output_dir = output_dir.resolve()
+    if output_dir == bids_dir or bids_dir in output_dir.parents:
+        relative = output_dir.relative_to(bids_dir)
+        if not relative.parts or relative.parts[0] != "derivatives":
+            raise InputError(
+                f"{output_dir}: output directory is inside the input dataset {bids_dir}; "
+                "use a directory outside it or under its derivatives/ folder"
+            )
+    probe = output_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{output_dir}: output directory is not writable")
+
+
+def _echo_time(path: str, metadata: dict) -> float:
+    if "EchoTime" not in metadata:
+        raise InputError(f"{_sidecar(path)}: EchoTime is missing")
+    value = metadata["EchoTime"]
+    try:
+        echo_time = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{_sidecar(path)}: EchoTime {value!r} is not a number") from None
+    if not math.isfinite(echo_time) or echo_time <= 0:
+        raise InputError(f"{_sidecar(path)}: EchoTime {value!r} must be a positive number of seconds")
+    if echo_time > 1.0:
+        raise InputError(f"{_sidecar(path)}: EchoTime {value!r} is not in seconds (BIDS requires seconds)")
+    return echo_time
+
+
+def _sidecar(path: str) -> str:
+    for extension in (".nii.gz", ".nii"):
+        if path.endswith(extension):
+            return path[: -len(extension)] + ".json"
+    return path
+
+
+def _check_image_header(path: str) -> nib.Nifti1Image:
+    try:
+        image = nib.load(path)
+    except Exception as error:  # nibabel raises several types for unreadable files
+        raise InputError(f"{path}: cannot read NIfTI header ({error})") from None
+    if len(image.shape) != 3:
+        raise InputError(f"{path}: expected a 3-D image, found shape {tuple(image.shape)}")
+    if min(image.shape) < 2:
+        raise InputError(f"{path}: expected a 3-D volume, found shape {tuple(image.shape)}")
+    return image
+
+
+def _group_scan(layout, files: list, field_strength: float | None) -> Scan:
+    first = files[0]
+    entities = {name: first.entities.get(name) for name in SCAN_ENTITIES}
+    suffix = first.entities["suffix"]
+    by_part: dict[str, dict] = {"mag": {}, "phase": {}}
+    for bids_file in files:
+        part = bids_file.entities.get("part", "mag")
+        if part not in by_part:
+            continue  # real/imag parts are not used
+        echo = int(bids_file.entities.get("echo", 1))
+        if echo in by_part[part]:
+            raise InputError(f"{bids_file.path}: duplicate echo {echo} ({by_part[part][echo].path})")
+        by_part[part][echo] = bids_file
+    name = bids_prefix(entities) + f"_{suffix}"
+    if not by_part["phase"]:
+        example = next(iter(by_part["mag"].values())).path
+        raise InputError(f"{example}: magnitude without phase; scan {name} has no part-phase images")
+    if not by_part["mag"]:
+        example = next(iter(by_part["phase"].values())).path
+        raise InputError(f"{example}: phase without magnitude; scan {name} has no part-mag images")
+    if set(by_part["mag"]) != set(by_part["phase"]):
+        missing_phase = sorted(set(by_part["mag"]) - set(by_part["phase"]))
+        missing_mag = sorted(set(by_part["phase"]) - set(by_part["mag"]))
+        if missing_phase:
+            path = by_part["mag"][missing_phase[0]].path
+            raise InputError(f"{path}: no matching phase image for echo {missing_phase[0]}")
+        path = by_part["phase"][missing_mag[0]].path
+        raise InputError(f"{path}: no matching magnitude image for echo {missing_mag[0]}")
+    echoes = sorted(by_part["mag"])
+    magnitude_files = [by_part["mag"][e].path for e in echoes]
+    phase_files = [by_part["phase"][e].path for e in echoes]
+
+    echo_times, strengths = [], set()
+    for path in phase_files:
+        metadata = layout.get_metadata(path)
+        echo_times.append(_echo_time(path, metadata))
+        if metadata.get("MagneticFieldStrength") is not None:
+            try:
+                strengths.add(float(metadata["MagneticFieldStrength"]))
+            except (TypeError, ValueError):
+                raise InputError(f"{_sidecar(path)}: MagneticFieldStrength is not a number") from None
+    if any(b <= a for a, b in zip(echo_times, echo_times[1:])):
+        raise InputError(f"{_sidecar(phase_files[0])}: echo times {echo_times} of scan {name} do not increase with echo number")
+    if field_strength is None:
+        if not strengths:
+            raise InputError(
+                f"{_sidecar(phase_files[0])}: MagneticFieldStrength is missing; set it with --set input.field_strength=3"
+            )
+        if len(strengths) > 1:
+            raise InputError(f"{_sidecar(phase_files[0])}: echoes of scan {name} disagree on MagneticFieldStrength {sorted(strengths)}")
+        field_strength = strengths.pop()
+
+    reference = _check_image_header(magnitude_files[0])
+    for path in magnitude_files[1:] + phase_files:
+        image = _check_image_header(path)
+        if image.shape != reference.shape:
+            raise InputError(f"{path}: shape {image.shape} differs from {magnitude_files[0]} {reference.shape}")
+        if not np.allclose(image.affine, reference.affine, atol=1e-4):
+            raise InputError(f"{path}: affine differs from that of {magnitude_files[0]}")
+    return Scan(
+        entities=entities,
+        suffix=suffix,
+        magnitude_files=magnitude_files,
+        phase_files=phase_files,
+        echo_times=echo_times,
+        field_strength=field_strength,
+    )
+
+
+def collect_scans(bids_dir, participant_labels=None, field_strength: float | None = None):
+    """Find every multi-echo GRE scan of the selected participants.
+
+    Parameters
+    ----------
+    bids_dir : path
+        Root of a BIDS raw dataset.
+    participant_labels : list of str, optional
+        Subjects to process (with or without ``sub-``); all when empty.
+    field_strength : float, optional
+        Overrides ``MagneticFieldStrength`` of the sidecars (tesla).
+
+    Returns
+    -------
+    scans : list of Scan
+        The valid scans, sorted by name.
+    errors : list of (str, str)
+        Scans that cannot be processed: (scan name, one-line reason naming the file).
+
+    Raises
+    ------
+    InputError
+        For problems of the whole dataset: not BIDS, no GRE scans, unknown participant.
+    """
+    from bids import BIDSLayout
+
+    bids_dir = Path(bids_dir)
+    check_dataset(bids_dir)
+    labels = check_participant_labels(participant_labels)
+    layout = BIDSLayout(str(bids_dir), validate=False)
+    subjects = layout.get_subjects()
+    if labels:
+        unknown = sorted(set(labels) - set(subjects))
+        if unknown:
+            raise InputError(f"{bids_dir}: no participant {', '.join('sub-' + u for u in unknown)} in this dataset")
+    query = dict(suffix=list(GRE_SUFFIXES), extension=[".nii", ".nii.gz"], datatype="anat")
+    if labels:
+        query["subject"] = labels
+    files = layout.get(**query)
+    if not files:
+        which = f"participants {', '.join(labels)}" if labels else "any participant"
+        raise InputError(f"{bids_dir}: no MEGRE or T2starw images found for {which}")
+    groups: dict[tuple, list] = {}
+    for bids_file in files:
+        key = tuple(bids_file.entities.get(name) for name in SCAN_ENTITIES) + (bids_file.entities["suffix"],)
+        groups.setdefault(key, []).append(bids_file)
+    scans, errors = [], []
+    for key in sorted(groups, key=lambda k: tuple(str(v) for v in k)):
+        entities = dict(zip(SCAN_ENTITIES, key))
+        try:
+            scans.append(_group_scan(layout, groups[key], field_strength))
+        except InputError as error:
+            errors.append((bids_prefix(entities) + f"_{key[-1]}", str(error)))
+    return scans, errors
+
+
+def derivative_path(output_dir, entities: dict, suffix: str, *, desc: str | None = None, extension: str = ".nii.gz") -> Path:
+    """Path of a derivative in ``output_dir``: ``sub-X/[ses-Y/]anat/<prefix>[_desc-D]_<suffix><ext>``."""
+    directory = Path(output_dir) / f"sub-{entities['subject']}"
+    if entities.get("session"):
+        directory = directory / f"ses-{entities['session']}"
+    name = bids_prefix(entities) + (f"_desc-{desc}" if desc else "") + f"_{suffix}{extension}"
+    return directory / "anat" / name
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so that a reader
+    never sees a partial file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def json_bytes(content: dict) -> bytes:
+    """``content`` as indented, key-sorted JSON (numpy scalars and paths allowed)."""
+    return (json.dumps(content, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
+
+
+def atomic_write_json(path: Path, content: dict) -> None:
+    atomic_write_bytes(path, json_bytes(content))
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def write_dataset_description(output_dir, bids_dir=None) -> Path:
+    """Write (or refresh) the derivative dataset's ``dataset_description.json``."""
+    from . import __version__
+
+    description = {
+        "Name": "qsmflow derivatives",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "qsmflow", "Version": __version__, "CodeURL": "https://pypi.org/project/qsmflow/"}],
+    }
+    if bids_dir is not None:
+        description["SourceDatasets"] = [{"URL": Path(bids_dir).resolve().as_uri()}]
+    path = Path(output_dir) / "dataset_description.json"
+    atomic_write_json(path, description)
+    return path

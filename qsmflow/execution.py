@@ -1,0 +1,97 @@
+"""Run nipype workflows, and turn their crashes into a readable summary."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LOGGER = logging.getLogger("qsmflow")
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception)):\s*(.+)$")
+
+
+@dataclass
+class Failure:
+    """One crashed node of a run."""
+
+    subject: str
+    scan: str
+    node: str
+    reason: str
+    crash_file: str
+
+
+def configure_nipype(work_dir: Path, crash_dir: Path, *, debug: bool = False) -> None:
+    """Global nipype settings: content hashing, text crash files, quiet logs."""
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    os.environ.setdefault("LOGNAME", os.environ.get("USER") or "qsmflow")
+    nipype_config.update_config({
+        "execution": {
+            "hash_method": "content",
+            "crashdump_dir": str(crash_dir),
+            "crashfile_format": "txt",
+            "remove_unnecessary_outputs": False,
+            "stop_on_first_crash": False,
+            "parameterize_dirs": False,
+            "create_report": False,
+        },
+        "logging": {"workflow_level": "INFO" if debug else "WARNING", "interface_level": "WARNING", "utils_level": "WARNING"},
+        "monitoring": {"enabled": False},
+    })
+    nipype_logging.update_logging(nipype_config)
+
+
+def run_workflow(workflow, work_dir, *, plugin: str = "MultiProc", plugin_args: dict | None = None, debug: bool = False) -> list[Failure]:
+    """Run ``workflow`` with its cache in ``work_dir``; return the failed nodes (empty on success)."""
+    work_dir = Path(work_dir).resolve()
+    crash_dir = work_dir / "crashes" / time.strftime("%Y%m%d-%H%M%S")
+    configure_nipype(work_dir, crash_dir, debug=debug)
+    workflow.base_dir = str(work_dir)
+    workflow.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt"})
+    try:
+        workflow.run(plugin=plugin, plugin_args=plugin_args or {})
+    except RuntimeError as error:
+        failures = read_crash_files(crash_dir)
+        if not failures:
+            raise RuntimeError(f"the workflow failed without a crash file: {error}") from None
+        return failures
+    return []
+
+
+def read_crash_files(crash_dir) -> list[Failure]:
+    """Parse nipype's text crash files into :class:`Failure` records."""
+    failures = []
+    for crash_file in sorted(Path(crash_dir).glob("crash-*.txt")):
+        text = crash_file.read_text(errors="replace")
+        node_match = re.search(r"^Node: (\S+)", text, re.MULTILINE)
+        node_path = node_match.group(1) if node_match else "?"
+        parts = node_path.split(".")
+        subject = next((p[4:-3] for p in parts if p.startswith("sub_") and p.endswith("_wf") and p.count("_") >= 2 and "MEGRE" not in p and "T2starw" not in p), "?")
+        scan = next((p[:-3] for p in parts if p.endswith(("_MEGRE_wf", "_T2starw_wf"))), "?")
+        failures.append(Failure(subject=subject, scan=scan, node=parts[-1], reason=_reason(text), crash_file=str(crash_file)))
+    return failures
+
+
+def _reason(text: str) -> str:
+    errors = [m for m in (_ERROR_LINE.match(line) for line in text.splitlines()) if m]
+    meaningful = [m for m in errors if "Exception raised while executing Node" not in m.group(3)]
+    chosen = (meaningful or errors)
+    if not chosen:
+        return "unknown error (see crash file)"
+    match = chosen[-1]
+    kind = match.group(1).rsplit(".", 1)[-1]
+    return f"{kind}: {match.group(3).strip()}"
+
+
+def format_failures(failures: list[Failure]) -> str:
+    """A plain-text table of failures: subject, scan, node, reason, crash file."""
+    rows = [("subject", "scan", "node", "reason", "crash file")] + [
+        (f.subject, f.scan, f.node, f.reason, f.crash_file) for f in failures
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""nipype interfaces: each loads NIfTI, calls one qsmflow function, saves NIfTI and provenance."""

@@ -1,0 +1,339 @@
+"""nipype interfaces for the reconstruction stages; each wraps one function of qsmflow.recon."""
+from __future__ import annotations
+
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from ..config import registry
+from ..recon import dipole, units
+from .base import function_provenance, load_volume, save_like
+
+
+def _b0_direction(requested, image) -> list[float]:
+    if isdefined(requested) and requested:
+        direction = np.asarray(requested, dtype=float)
+        return (direction / np.linalg.norm(direction)).tolist()
+    return dipole.b0_direction_from_affine(image.affine).tolist()
+
+
+class _MethodInputSpec(BaseInterfaceInputSpec):
+    method = traits.Str(mandatory=True, desc="name of the algorithm in the stage's registry")
+    parameters = traits.Dict(value={}, usedefault=True, desc="keyword arguments of the algorithm")
+
+
+class _ProvenanceOutputSpec(TraitedSpec):
+    provenance = traits.Dict(desc="algorithm, effective parameters and notes for the sidecar")
+
+
+# ---------------------------------------------------------------------------------------------
+class _LoadEchoesInputSpec(BaseInterfaceInputSpec):
+    magnitude_files = InputMultiObject(File(exists=True), mandatory=True, desc="magnitude, one file per echo")
+    phase_files = InputMultiObject(File(exists=True), mandatory=True, desc="phase, one file per echo")
+    phase_units = traits.Enum("auto", "radians", "integer", usedefault=True)
+
+
+class _LoadEchoesOutputSpec(TraitedSpec):
+    magnitude = File(exists=True, desc="4-D magnitude (echoes last), float32")
+    phase = File(exists=True, desc="4-D wrapped phase in radians, float32")
+    provenance = traits.Dict(desc="detected phase units and rescaling")
+
+
+class LoadEchoes(SimpleInterface):
+    """Stack a scan's echoes into 4-D magnitude and phase, checking data and phase units."""
+
+    input_spec = _LoadEchoesInputSpec
+    output_spec = _LoadEchoesOutputSpec
+
+    def _run_interface(self, runtime):
+        magnitudes, phases = [], []
+        reference = None
+        for path in self.inputs.magnitude_files:
+            data, image = load_volume(path)
+            _check_volume(path, data, reference)
+            reference = reference or image
+            magnitudes.append(data)
+        detected = []
+        for path in self.inputs.phase_files:
+            data, _ = load_volume(path)
+            _check_volume(path, data, reference)
+            try:
+                found = units.detect_phase_units(data)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from None
+            if self.inputs.phase_units != "auto" and found["units"] != self.inputs.phase_units:
+                raise ValueError(
+                    f"{path}: phase values span {found['minimum']:.4g}..{found['maximum']:.4g}, "
+                    f"not {self.inputs.phase_units} as configured"
+                )
+            detected.append(found)
+            phases.append(units.phase_to_radians(data, found))
+        report = {
+            "PhaseUnits": detected[0]["units"],
+            "PhaseRange": [min(d["minimum"] for d in detected), max(d["maximum"] for d in detected)],
+        }
+        if detected[0]["units"] == "integer":
+            report["PhaseRescaling"] = f"integers {detected[0]['integer_range']} mapped linearly onto [-pi, pi)"
+        self._results["magnitude"] = save_like(np.stack(magnitudes, axis=-1), reference, "magnitude.nii")
+        self._results["phase"] = save_like(np.stack(phases, axis=-1), reference, "phase.nii")
+        self._results["provenance"] = report
+        return runtime
+
+
+def _check_volume(path, data, reference) -> None:
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3-D image, found shape {data.shape}")
+    if reference is not None and data.shape != reference.shape:
+        raise ValueError(f"{path}: shape {data.shape} differs from the first echo {reference.shape}")
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise ValueError(f"{path}: {int((~finite).sum())} voxels are NaN or infinite")
+
+
+# ---------------------------------------------------------------------------------------------
+class _BrainMaskInputSpec(_MethodInputSpec):
+    magnitude = File(exists=True, mandatory=True, desc="4-D magnitude")
+    mask_file = File(exists=True, desc="user-supplied mask, used when method is 'file'")
+
+
+class _BrainMaskOutputSpec(_ProvenanceOutputSpec):
+    mask = File(exists=True, desc="brain mask, uint8")
+
+
+class BrainMask(SimpleInterface):
+    """Brain mask from the echoes' root-sum-of-squares magnitude, or a user-supplied mask."""
+
+    input_spec = _BrainMaskInputSpec
+    output_spec = _BrainMaskOutputSpec
+
+    def _run_interface(self, runtime):
+        magnitude, image = load_volume(self.inputs.magnitude)
+        if self.inputs.method == "file":
+            if not isdefined(self.inputs.mask_file):
+                raise ValueError("mask method 'file' needs a mask file")
+            mask_data, mask_image = load_volume(self.inputs.mask_file)
+            if mask_data.shape != magnitude.shape[:3] or not np.allclose(mask_image.affine, image.affine, atol=1e-3):
+                raise ValueError(f"{self.inputs.mask_file}: mask grid differs from the magnitude's")
+            mask = mask_data > 0.5
+            provenance = {"Function": "user-supplied", "Source": str(self.inputs.mask_file)}
+        else:
+            function = registry("mask")[self.inputs.method]
+            combined = np.sqrt(np.sum(magnitude.reshape(magnitude.shape[:3] + (-1,)) ** 2, axis=-1))
+            voxel_size = dipole.voxel_sizes_from_affine(image.affine)
+            mask = function(combined, voxel_size, **self.inputs.parameters)
+            provenance = function_provenance(function, self.inputs.parameters)
+        if not mask.any():
+            raise ValueError(f"{self.inputs.magnitude}: the brain mask is empty")
+        self._results["mask"] = save_like(mask, image, "brain_mask.nii", dtype=np.uint8)
+        self._results["provenance"] = provenance
+        return runtime
+
+
+# ---------------------------------------------------------------------------------------------
+class _UnwrapInputSpec(_MethodInputSpec):
+    phase = File(exists=True, mandatory=True, desc="4-D wrapped phase (rad)")
+    magnitude = File(exists=True, mandatory=True, desc="4-D magnitude")
+    mask = File(exists=True, mandatory=True)
+    echo_times = traits.List(traits.Float, mandatory=True, desc="seconds")
+
+
+class _UnwrapOutputSpec(_ProvenanceOutputSpec):
+    unwrapped = File(exists=True, desc="4-D unwrapped phase (rad)")
+
+
+class UnwrapPhase(SimpleInterface):
+    """Spatial and temporal unwrapping of the echoes' phase."""
+
+    input_spec = _UnwrapInputSpec
+    output_spec = _UnwrapOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..recon import unwrap
+
+        phase, image = load_volume(self.inputs.phase)
+        magnitude, _ = load_volume(self.inputs.magnitude)
+        mask = load_volume(self.inputs.mask, dtype=np.uint8)[0] > 0
+        spatial = registry("unwrap")[self.inputs.method]
+        unwrapped = unwrap.unwrap_echoes(
+            _as_4d(phase), _as_4d(magnitude), self.inputs.echo_times,
+            mask=mask, voxel_size=dipole.voxel_sizes_from_affine(image.affine),
+            method=self.inputs.method, **self.inputs.parameters,
+        )
+        self._results["unwrapped"] = save_like(unwrapped, image, "unwrapped_phase.nii")
+        provenance = function_provenance(spatial, self.inputs.parameters)
+        provenance["TemporalUnwrapping"] = function_provenance(unwrap.unwrap_echoes, {"method": self.inputs.method})["Description"]
+        self._results["provenance"] = provenance
+        return runtime
+
+
+def _as_4d(array: np.ndarray) -> np.ndarray:
+    return array if array.ndim == 4 else array[..., None]
+
+
+# ---------------------------------------------------------------------------------------------
+class _FitFieldInputSpec(_MethodInputSpec):
+    unwrapped = File(exists=True, mandatory=True, desc="4-D unwrapped phase (rad)")
+    magnitude = File(exists=True, mandatory=True)
+    mask = File(exists=True, mandatory=True)
+    echo_times = traits.List(traits.Float, mandatory=True)
+
+
+class _FitFieldOutputSpec(_ProvenanceOutputSpec):
+    field_hz = File(exists=True, desc="total field map (Hz)")
+
+
+class FitField(SimpleInterface):
+    """Combine the echoes' unwrapped phase into a field map in Hz."""
+
+    input_spec = _FitFieldInputSpec
+    output_spec = _FitFieldOutputSpec
+
+    def _run_interface(self, runtime):
+        unwrapped, image = load_volume(self.inputs.unwrapped)
+        magnitude, _ = load_volume(self.inputs.magnitude)
+        mask = load_volume(self.inputs.mask, dtype=np.uint8)[0] > 0
+        function = registry("echoes")[self.inputs.method]
+        fit = function(_as_4d(unwrapped), _as_4d(magnitude), self.inputs.echo_times, mask=mask, **self.inputs.parameters)
+        field_hz = np.where(mask, fit["field_hz"], 0.0)
+        self._results["field_hz"] = save_like(field_hz, image, "total_field_hz.nii")
+        provenance = function_provenance(function, self.inputs.parameters)
+        provenance["EchoTimes"] = list(self.inputs.echo_times)
+        self._results["provenance"] = provenance
+        return runtime
+
+
+# ---------------------------------------------------------------------------------------------
+class _R2StarInputSpec(BaseInterfaceInputSpec):
+    magnitude = File(exists=True, mandatory=True)
+    mask = File(exists=True, mandatory=True)
+    echo_times = traits.List(traits.Float, mandatory=True)
+    method = traits.Str("loglinear", usedefault=True)
+
+
+class _R2StarOutputSpec(_ProvenanceOutputSpec):
+    r2star = File(exists=True, desc="R2* map (1/s)")
+
+
+class R2Star(SimpleInterface):
+    """R2* relaxation rate from the multi-echo magnitude."""
+
+    input_spec = _R2StarInputSpec
+    output_spec = _R2StarOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..recon.echoes import r2star_map
+
+        magnitude, image = load_volume(self.inputs.magnitude)
+        mask = load_volume(self.inputs.mask, dtype=np.uint8)[0] > 0
+        r2star = r2star_map(magnitude, self.inputs.echo_times, mask=mask, method=self.inputs.method)
+        self._results["r2star"] = save_like(r2star, image, "r2star.nii")
+        self._results["provenance"] = function_provenance(r2star_map, {"method": self.inputs.method})
+        return runtime
+
+
+# ---------------------------------------------------------------------------------------------
+class _BackgroundInputSpec(_MethodInputSpec):
+    field_hz = File(exists=True, mandatory=True, desc="total field (Hz)")
+    mask = File(exists=True, mandatory=True)
+    field_strength = traits.Float(mandatory=True, desc="tesla")
+    b0_direction = traits.List(traits.Float, desc="B0 in voxel axes; default from the affine")
+
+
+class _BackgroundOutputSpec(_ProvenanceOutputSpec):
+    local_field = File(exists=True, desc="local field (ppm)")
+    mask = File(exists=True, desc="mask where the local field is valid")
+
+
+class RemoveBackground(SimpleInterface):
+    """Remove the background field: total field (Hz) to local field (ppm)."""
+
+    input_spec = _BackgroundInputSpec
+    output_spec = _BackgroundOutputSpec
+
+    def _run_interface(self, runtime):
+        field_hz, image = load_volume(self.inputs.field_hz)
+        mask = load_volume(self.inputs.mask, dtype=np.uint8)[0] > 0
+        function = registry("background")[self.inputs.method]
+        b0_direction = _b0_direction(self.inputs.b0_direction, image)
+        total_ppm = dipole.hz_to_ppm(field_hz, self.inputs.field_strength).astype(np.float32)
+        local, reduced = function(
+            total_ppm, mask, dipole.voxel_sizes_from_affine(image.affine),
+            b0_direction=b0_direction, **self.inputs.parameters,
+        )
+        if not reduced.any():
+            raise ValueError(f"{self.inputs.mask}: nothing of the mask is left after background removal")
+        self._results["local_field"] = save_like(np.where(reduced, local, 0.0), image, "local_field_ppm.nii")
+        self._results["mask"] = save_like(reduced, image, "local_mask.nii", dtype=np.uint8)
+        provenance = function_provenance(function, self.inputs.parameters)
+        provenance["B0Direction"] = b0_direction
+        provenance["MaskFractionKept"] = float(reduced.sum() / max(mask.sum(), 1))
+        self._results["provenance"] = provenance
+        return runtime
+
+
+# ---------------------------------------------------------------------------------------------
+class _InversionInputSpec(_MethodInputSpec):
+    local_field = File(exists=True, mandatory=True, desc="local field (ppm)")
+    mask = File(exists=True, mandatory=True)
+    magnitude = File(exists=True, desc="4-D magnitude, for methods that weight by it")
+    b0_direction = traits.List(traits.Float)
+
+
+class _InversionOutputSpec(_ProvenanceOutputSpec):
+    chi = File(exists=True, desc="susceptibility (ppm), not referenced")
+
+
+class InvertDipole(SimpleInterface):
+    """Dipole inversion of the local field to susceptibility."""
+
+    input_spec = _InversionInputSpec
+    output_spec = _InversionOutputSpec
+
+    def _run_interface(self, runtime):
+        local, image = load_volume(self.inputs.local_field)
+        mask = load_volume(self.inputs.mask, dtype=np.uint8)[0] > 0
+        function = registry("inversion")[self.inputs.method]
+        b0_direction = _b0_direction(self.inputs.b0_direction, image)
+        chi = function(local, mask, dipole.voxel_sizes_from_affine(image.affine), b0_direction=b0_direction, **self.inputs.parameters)
+        self._results["chi"] = save_like(np.where(mask, chi, 0.0), image, "chi_unreferenced.nii")
+        provenance = function_provenance(function, self.inputs.parameters)
+        provenance["B0Direction"] = b0_direction
+        self._results["provenance"] = provenance
+        return runtime
+
+
+# ---------------------------------------------------------------------------------------------
+class _ReferenceInputSpec(BaseInterfaceInputSpec):
+    chi = File(exists=True, mandatory=True)
+    mask = File(exists=True, mandatory=True)
+    method = traits.Enum("mean", "none", usedefault=True)
+
+
+class _ReferenceOutputSpec(_ProvenanceOutputSpec):
+    chi = File(exists=True, desc="referenced susceptibility (ppm)")
+
+
+class ReferenceSusceptibility(SimpleInterface):
+    """Reference the susceptibility map (e.g. to the mean over the brain mask)."""
+
+    input_spec = _ReferenceInputSpec
+    output_spec = _ReferenceOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..recon.inversion import reference_susceptibility
+
+        chi, image = load_volume(self.inputs.chi)
+        mask = load_volume(self.inputs.mask, dtype=np.uint8)[0] > 0
+        referenced = reference_susceptibility(chi, mask, reference=self.inputs.method)
+        self._results["chi"] = save_like(np.where(mask, referenced, 0.0), image, "chi.nii")
+        self._results["provenance"] = {
+            "Reference": "mean over the brain mask" if self.inputs.method == "mean" else "none",
+        }
+        return runtime

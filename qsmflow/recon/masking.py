@@ -1,0 +1,143 @@
+"""Brain masks from gradient-echo magnitude images.
+
+Registry: :data:`MASKING_METHODS` maps a config name to a function with the signature
+``(magnitude, voxel_size, **params) -> bool array``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.ndimage as ndi
+from skimage.filters import threshold_otsu
+
+
+def _validate_voxel_size(voxel_size) -> np.ndarray:
+    sizes = np.asarray(voxel_size, dtype=np.float64)
+    if sizes.shape != (3,) or not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
+        raise ValueError(f"voxel_size must be three positive numbers in mm, got {voxel_size!r}")
+    return sizes
+
+
+def _dilate_mm(mask: np.ndarray, radius_mm: float, voxel_size: np.ndarray) -> np.ndarray:
+    """Dilation by a ball of ``radius_mm`` (exact on anisotropic grids, via a distance map)."""
+    if radius_mm <= 0:
+        return mask.copy()
+    margin = tuple(int(np.ceil(radius_mm / d)) + 1 for d in voxel_size)
+    padded = np.pad(mask, [(m, m) for m in margin])
+    distance = ndi.distance_transform_edt(~padded, sampling=voxel_size)
+    grown = distance <= radius_mm
+    return grown[tuple(slice(m, m + n) for m, n in zip(margin, mask.shape))]
+
+
+def _erode_mm(mask: np.ndarray, radius_mm: float, voxel_size: np.ndarray) -> np.ndarray:
+    """Erosion by a ball of ``radius_mm``; the image border counts as background."""
+    if radius_mm <= 0:
+        return mask.copy()
+    padded = np.pad(mask, 1)
+    distance = ndi.distance_transform_edt(padded, sampling=voxel_size)
+    return (distance > radius_mm)[1:-1, 1:-1, 1:-1]
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndi.label(mask)
+    if count <= 1:
+        return labels > 0
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def brain_mask_from_magnitude(
+    magnitude: np.ndarray,
+    voxel_size,
+    *,
+    threshold: float | None = None,
+    erosion_mm: float = 4.0,
+    closing_mm: float = 2.0,
+    fill_holes: bool = True,
+) -> np.ndarray:
+    """Brain mask from a (multi-echo) magnitude image by thresholding and morphology.
+
+    Steps: (1) threshold the magnitude, by Otsu's method (Otsu, IEEE Trans Syst Man Cybern
+    1979;9:62-66) on the positive voxels, or at ``threshold`` times a robust maximum (the 99th
+    percentile of the positive voxels); (2) erode by a ball of ``erosion_mm``, which cuts the
+    thin bridges through the dark skull that join the brain to the bright scalp and removes
+    the thin scalp itself; (3) keep the largest connected component; (4) dilate it back by
+    the same ball, limited to the thresholded voxels so no tissue is invented; (5) fill
+    enclosed holes (dark ventricles, veins) in 3-D; (6) close with a ball of ``closing_mm``
+    to smooth the outline, and fill holes again. This is the classical magnitude-based
+    recipe; a scalp thicker than ``2 * erosion_mm`` that touches the brain cannot be
+    separated by it.
+
+    Parameters
+    ----------
+    magnitude : 3-D or 4-D array
+        Magnitude image; a 4-D array (last axis = echoes) is combined by root-sum-of-squares.
+    voxel_size : sequence of 3 floats
+        Voxel edge lengths in mm (the structuring balls are in mm, exact for any voxel shape).
+    threshold : float in (0, 1), optional
+        Fraction of the robust maximum to use instead of Otsu's threshold.
+    erosion_mm : float
+        Radius of the erosion/dilation ball in mm (0 disables the step).
+    closing_mm : float
+        Radius of the final closing ball in mm (0 disables the step).
+    fill_holes : bool
+        Fill cavities that are enclosed in 3-D.
+
+    Returns
+    -------
+    bool array of the spatial shape.
+
+    Raises
+    ------
+    ValueError
+        If the image is not 3-D/4-D, contains NaN or infinity, has no positive voxel, or a
+        parameter is out of range, or if nothing survives the erosion.
+    """
+    magnitude = np.asarray(magnitude)
+    if magnitude.ndim not in (3, 4):
+        raise ValueError(f"magnitude must be 3-D or 4-D (x, y, z[, echo]), got {magnitude.ndim}-D")
+    if not np.issubdtype(magnitude.dtype, np.number) or np.iscomplexobj(magnitude):
+        raise ValueError(f"magnitude must be a real numeric array, got dtype {magnitude.dtype}")
+    magnitude = magnitude.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(magnitude)):
+        raise ValueError("magnitude contains NaN or infinite values")
+    sizes = _validate_voxel_size(voxel_size)
+    if threshold is not None and not 0.0 < float(threshold) < 1.0:
+        raise ValueError(f"threshold must be a fraction in (0, 1), got {threshold!r}")
+    if erosion_mm < 0 or closing_mm < 0:
+        raise ValueError(
+            f"erosion_mm and closing_mm must be >= 0, got {erosion_mm!r} and {closing_mm!r}"
+        )
+
+    if magnitude.ndim == 4:
+        image = np.sqrt(np.einsum("xyze,xyze->xyz", magnitude, magnitude))
+    else:
+        image = np.abs(magnitude)
+    positive = image[image > 0]
+    if positive.size == 0:
+        raise ValueError("magnitude has no positive voxel (all zeros?)")
+    if threshold is None:
+        if np.ptp(positive) == 0:
+            raise ValueError("magnitude is constant: Otsu's threshold is undefined")
+        level = float(threshold_otsu(positive))
+    else:
+        level = float(threshold) * float(np.percentile(positive, 99.0))
+
+    foreground = image > level
+    core = _largest_component(_erode_mm(foreground, erosion_mm, sizes))
+    if not core.any():
+        raise ValueError(
+            f"no voxel survives an erosion of {erosion_mm} mm: lower erosion_mm or the threshold"
+        )
+    mask = _dilate_mm(core, erosion_mm, sizes) & foreground
+    if fill_holes:
+        mask = ndi.binary_fill_holes(mask)
+    if closing_mm > 0:
+        mask = _erode_mm(_dilate_mm(mask, closing_mm, sizes), closing_mm, sizes) | mask
+        if fill_holes:
+            mask = ndi.binary_fill_holes(mask)
+    return mask
+
+
+#: Masking algorithms by config name; signature ``(magnitude, voxel_size, **params)``.
+MASKING_METHODS = {"threshold": brain_mask_from_magnitude}

@@ -1,0 +1,987 @@
+"""Simulated multi-echo GRE data of a brain-shaped numerical phantom, written as a BIDS dataset.
+
+This module powers ``qsmflow demo`` and the test-suite. It builds a head phantom on a voxel grid
+(scalp, skull, an air-filled sinus, CSF, cortex, white matter, ventricles and ten regions of
+interest), lets the deep grey and white matter susceptibilities follow lifespan trajectories,
+computes the field with :func:`qsmflow.recon.dipole.forward_field`, simulates multi-echo complex
+signal and writes raw BIDS ``MEGRE`` images plus the ground truth as a derivatives dataset.
+
+Conventions
+-----------
+* Arrays are indexed (x, y, z) with x from left to right, y from posterior to anterior and
+  z from inferior to superior (RAS voxel axes); anatomical positions are in mm relative to the
+  anterior commissure, close to MNI152 coordinates.
+* ``Phantom.chi`` is in ppm **relative to CSF** (CSF = 0), the reference QSM maps are usually
+  reported in. Air voxels hold ``air_chi`` (physically air - water = +9.4 ppm; the default is
+  scaled down, see :data:`PHYSICAL_AIR_CHI`). Before the forward model the map is shifted so
+  that air is 0, which makes the zero padding of the FFT behave as the air around the head.
+* Fields are in ppm of B0 (``*_ppm``) or Hz; phase follows +2π·f·TE.
+
+Ground-truth trajectories
+-------------------------
+Deep grey matter follows ``chi = a (1 - exp(-b age)) + c`` and white matter follows the Poisson
+curve ``chi = A age exp(-age / B) + C`` (minimum at age B), as in Li W, Wu B, Batrachenko A,
+et al. "Differential developmental trajectories of magnetic susceptibility in human brain gray
+and white matter over the lifespan", Hum Brain Mapp 2014;35:2698-2713. The parameters in
+:data:`TRUE_TRAJECTORIES` are rounded values chosen to resemble that study's curves (adult GP
+about 0.19 ppm reaching a plateau in the twenties; putamen and caudate still rising at 80;
+white-matter minima in the late twenties to mid-forties); they are not the paper's fitted
+estimates and are meant as a plausible, known truth for testing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from scipy import ndimage
+
+from qsmflow.recon.dipole import (
+    GYROMAGNETIC_RATIO_MHZ_PER_T,
+    forward_field,
+    ppm_to_hz,
+)
+
+#: Air minus water susceptibility in ppm (SI): +0.36 - (-9.05).
+PHYSICAL_AIR_CHI = 9.4
+#: Cortical bone relative to water (ppm), Buch S et al., Magn Reson Med 2015;73:2185-2194.
+PHYSICAL_BONE_CHI = -2.0
+#: Scale applied to the sources outside the brain (air and bone) by default. At their physical
+#: values the skull and sinus fields change by up to ~15 rad per 2 mm voxel at TE = 28 ms and 3 T
+#: next to the brain, which no unwrapping method survives (real data lose that signal to
+#: dephasing instead); a quarter keeps the largest phase step between brain voxels near 1 rad
+#: at the last echo while the background field stays about ten times the local field.
+BACKGROUND_SCALE = 0.25
+#: Default air susceptibility relative to CSF used by the phantom (ppm).
+DEFAULT_AIR_CHI = PHYSICAL_AIR_CHI * BACKGROUND_SCALE
+#: Default bone susceptibility relative to CSF used by the phantom (ppm).
+DEFAULT_BONE_CHI = PHYSICAL_BONE_CHI * BACKGROUND_SCALE
+
+DEFAULT_SHAPE = (90, 108, 90)
+DEFAULT_VOXEL_SIZE = (2.0, 2.0, 2.0)
+DEFAULT_ECHO_TIMES = (0.004, 0.012, 0.020, 0.028)
+
+BIDS_VERSION = "1.9.0"
+
+
+class ROILabel(NamedTuple):
+    """One region of interest of the phantom's label image (labels are bilateral)."""
+
+    index: int
+    abbreviation: str
+    name: str
+    kind: str  # "deep_grey" or "white_matter"
+
+
+#: Label image values of the phantom's regions of interest.
+ROI_LABELS: tuple[ROILabel, ...] = (
+    ROILabel(1, "PU", "putamen", "deep_grey"),
+    ROILabel(2, "GP", "globus pallidus", "deep_grey"),
+    ROILabel(3, "CN", "caudate nucleus", "deep_grey"),
+    ROILabel(4, "TH", "thalamus", "deep_grey"),
+    ROILabel(5, "RN", "red nucleus", "deep_grey"),
+    ROILabel(6, "SN", "substantia nigra", "deep_grey"),
+    ROILabel(7, "DN", "dentate nucleus", "deep_grey"),
+    ROILabel(11, "IC", "internal capsule", "white_matter"),
+    ROILabel(12, "SCC", "splenium of the corpus callosum", "white_matter"),
+    ROILabel(13, "OR", "optic radiation", "white_matter"),
+)
+
+#: Ground-truth lifespan trajectories (ppm relative to CSF; age in years). ``exponential``:
+#: chi = a (1 - exp(-b age)) + c; ``poisson``: chi = A age exp(-age / B) + C.
+TRUE_TRAJECTORIES: dict[str, dict] = {
+    "PU": {"model": "exponential", "a": 0.12, "b": 0.025, "c": -0.01},
+    "GP": {"model": "exponential", "a": 0.19, "b": 0.12, "c": 0.0},
+    "CN": {"model": "exponential", "a": 0.09, "b": 0.03, "c": -0.005},
+    "TH": {"model": "exponential", "a": 0.035, "b": 0.05, "c": -0.005},
+    "RN": {"model": "exponential", "a": 0.13, "b": 0.07, "c": -0.01},
+    "SN": {"model": "exponential", "a": 0.16, "b": 0.08, "c": 0.0},
+    "DN": {"model": "exponential", "a": 0.12, "b": 0.06, "c": -0.01},
+    # A = -depth * e / B, so the curve dips by `depth` below C at age B.
+    "IC": {"model": "poisson", "A": -0.0018, "B": 45.0, "C": -0.015},
+    "SCC": {"model": "poisson", "A": -0.0023, "B": 30.0, "C": -0.02},
+    "OR": {"model": "poisson", "A": -0.0024, "B": 28.0, "C": -0.015},
+}
+
+#: Trajectory of the white matter outside the ROIs (about -0.03 ppm in adults).
+BACKGROUND_WHITE_MATTER_TRAJECTORY = {"model": "poisson", "A": -0.0016, "B": 35.0, "C": -0.01}
+
+
+class Tissue(NamedTuple):
+    """Tissue class of :attr:`Phantom.tissues` with its default MR properties."""
+
+    index: int
+    name: str
+    m0: float  # proton density, relative to CSF ~ 1
+    r2star: float  # 1/s at 3 T
+
+
+#: Tissue classes; susceptibilities are set in :func:`brain_phantom`.
+TISSUES: tuple[Tissue, ...] = (
+    Tissue(0, "air", 0.0, 0.0),
+    Tissue(1, "scalp", 1.0, 25.0),
+    Tissue(2, "soft_tissue", 0.6, 30.0),
+    Tissue(3, "bone", 0.05, 400.0),
+    Tissue(4, "sinus_air", 0.0, 0.0),
+    Tissue(5, "csf", 0.95, 4.0),
+    Tissue(6, "cortex", 0.85, 17.0),
+    Tissue(7, "white_matter", 0.72, 21.0),
+    Tissue(8, "deep_grey", 0.8, 17.0),
+    Tissue(9, "brainstem", 0.75, 20.0),
+    Tissue(10, "spinal_cord", 0.75, 20.0),
+)
+_TISSUE = {t.name: t for t in TISSUES}
+
+CORTEX_CHI = 0.01
+BRAINSTEM_CHI = -0.02
+#: R2* rises with iron: about 170 s^-1 per ppm of deep grey susceptibility at 3 T (GP ~50 s^-1).
+R2STAR_PER_PPM_IRON = 170.0
+
+
+def _curve(params: dict, age):
+    age = np.asarray(age, dtype=np.float64)
+    if params["model"] == "exponential":
+        return params["a"] * (1.0 - np.exp(-params["b"] * age)) + params["c"]
+    return params["A"] * age * np.exp(-age / params["B"]) + params["C"]
+
+
+def true_susceptibility(roi: str, age_years):
+    """Ground-truth mean susceptibility (ppm, relative to CSF) of ``roi`` at ``age_years``.
+
+    Parameters
+    ----------
+    roi : str
+        Abbreviation from :data:`ROI_LABELS` (``"GP"``, ``"IC"`` ...).
+    age_years : float or array
+        Age in years.
+
+    Returns
+    -------
+    float or float64 array, following :data:`TRUE_TRAJECTORIES`.
+    """
+    if roi not in TRUE_TRAJECTORIES:
+        raise ValueError(f"unknown ROI {roi!r}; expected one of {sorted(TRUE_TRAJECTORIES)}")
+    if np.any(np.asarray(age_years) < 0):
+        raise ValueError("age_years must be non-negative")
+    value = _curve(TRUE_TRAJECTORIES[roi], age_years)
+    return float(value) if np.ndim(value) == 0 else value
+
+
+@dataclass(eq=False)
+class Phantom:
+    """A simulated head on a voxel grid.
+
+    Attributes
+    ----------
+    chi : float32 array
+        Susceptibility in ppm relative to CSF (CSF = 0); air holds :attr:`air_chi`.
+    brain_mask, head_mask : bool arrays
+        Brain (cerebrum, cerebellum, brainstem, ventricles, sulci) and whole head.
+    labels : int16 array
+        ROI label image (values of :data:`ROI_LABELS`, 0 elsewhere).
+    label_names : dict
+        Label value -> ROI abbreviation.
+    m0 : float32 array
+        Proton density magnitude (CSF ~ 1).
+    r2star : float32 array
+        Transverse relaxation rate R2* in 1/s.
+    tissues : int8 array
+        Tissue class (:data:`TISSUES`).
+    voxel_size : tuple
+        Voxel edge lengths in mm.
+    age_years, seed, air_chi
+        Parameters the phantom was made with.
+    roi_chi : dict
+        ROI abbreviation -> susceptibility given to that ROI (trajectory + subject variation).
+    anatomy_scale : float
+        Size of the head relative to the nominal adult head (smaller when shrunk to fit the grid).
+    """
+
+    chi: np.ndarray
+    brain_mask: np.ndarray
+    head_mask: np.ndarray
+    labels: np.ndarray
+    label_names: dict
+    m0: np.ndarray
+    r2star: np.ndarray
+    tissues: np.ndarray
+    voxel_size: tuple
+    age_years: float
+    seed: int
+    air_chi: float
+    roi_chi: dict = field(default_factory=dict)
+    anatomy_scale: float = 1.0
+
+    @property
+    def shape(self) -> tuple:
+        return self.chi.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# anatomy (mm, anterior commissure at the origin)
+
+_HEAD_EXTENT = {"x": (-82.0, 82.0), "y": (-120.0, 86.0), "z_top": 94.0, "z_bottom": -72.0}
+_MARGIN_MM = 6.0
+
+# (center, semi-axes) of bilateral structures, given for the right side (x > 0).
+_DEEP_GREY = {
+    "PU": ((25.0, 3.0, 1.0), (5.5, 14.0, 9.0)),
+    "GP": ((18.0, -2.0, -1.0), (3.5, 8.0, 5.5)),
+    "CN": ((15.0, 11.0, 11.0), (4.5, 9.0, 7.0)),
+    "TH": ((11.0, -18.0, 6.0), (6.5, 12.0, 8.0)),
+    "RN": ((5.0, -20.0, -9.0), (3.5, 4.0, 4.0)),
+    "SN": ((12.0, -15.0, -15.0), (3.5, 7.0, 3.5)),
+    "DN": ((15.0, -57.0, -35.0), (6.0, 7.0, 5.0)),
+}
+_WHITE_MATTER_ROIS = {
+    "IC": ((20.5, -14.0, 5.0), (2.5, 9.0, 9.0)),
+    "SCC": ((0.0, -38.0, 12.0), (15.0, 6.0, 5.5)),
+    "OR": ((31.0, -62.0, 5.0), (5.0, 18.0, 6.0)),
+}
+_BILATERAL = {"PU", "GP", "CN", "TH", "RN", "SN", "DN", "IC", "OR"}
+_SINUS = ((0.0, 40.0, -47.0), (15.0, 17.0, 11.0))
+
+
+def _ellipsoid(x, y, z, center, semi_axes):
+    cx, cy, cz = center
+    a, b, c = semi_axes
+    return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 + ((z - cz) / c) ** 2 <= 1.0
+
+
+def _structure(x, y, z, center, semi_axes, bilateral):
+    mask = _ellipsoid(x, y, z, center, semi_axes)
+    if bilateral:
+        mask |= _ellipsoid(x, y, z, (-center[0], center[1], center[2]), semi_axes)
+    return mask
+
+
+def _anatomical_coordinates(shape, voxel_size, rng, vary):
+    """Sparse mm coordinates of the voxel centres in the anatomical frame, and the head scale."""
+    fov = np.asarray(shape, dtype=np.float64) * np.asarray(voxel_size, dtype=np.float64)
+    needed = np.array(
+        [
+            _HEAD_EXTENT["x"][1] - _HEAD_EXTENT["x"][0],
+            _HEAD_EXTENT["y"][1] - _HEAD_EXTENT["y"][0],
+            _HEAD_EXTENT["z_top"] - _HEAD_EXTENT["z_bottom"],
+        ]
+    )
+    fit = float(np.min((fov - 2 * _MARGIN_MM) / needed))
+    if fit < 0.3:
+        raise ValueError(
+            f"field of view {tuple(fov.tolist())} mm is too small for a head phantom: it needs at "
+            f"least {tuple(np.round(needed * 0.3 + 2 * _MARGIN_MM).tolist())} mm (an adult-sized "
+            f"head needs {tuple(np.round(needed + 2 * _MARGIN_MM).tolist())} mm)"
+        )
+    nominal_scale = min(1.0, fit)
+    subject_scale = float(np.clip(rng.normal(1.0, 0.025), 0.95, 1.0)) if vary else 1.0
+    shift = rng.uniform(-2.0, 2.0, size=3) if vary else np.zeros(3)
+    scale = nominal_scale * subject_scale
+
+    # Head centred in x and y; top of the head one margin below the top of the grid.
+    centre_x = 0.5 * (_HEAD_EXTENT["x"][0] + _HEAD_EXTENT["x"][1]) * scale
+    centre_y = 0.5 * (_HEAD_EXTENT["y"][0] + _HEAD_EXTENT["y"][1]) * scale
+    top_z = _HEAD_EXTENT["z_top"] * scale + _MARGIN_MM
+    axes = []
+    for axis, (n, d) in enumerate(zip(shape, voxel_size)):
+        grid = (np.arange(n, dtype=np.float64) - (n - 1) / 2.0) * float(d)
+        if axis == 0:
+            world = grid + centre_x
+        elif axis == 1:
+            world = grid + centre_y
+        else:
+            world = grid - grid[-1] + top_z
+        axes.append(((world + shift[axis]) / scale).astype(np.float32))
+    x = axes[0][:, None, None]
+    y = axes[1][None, :, None]
+    z = axes[2][None, None, :]
+    return x, y, z, scale
+
+
+def brain_phantom(
+    shape=DEFAULT_SHAPE,
+    voxel_size=DEFAULT_VOXEL_SIZE,
+    *,
+    age_years: float = 40.0,
+    seed: int = 0,
+    air_chi: float = DEFAULT_AIR_CHI,
+    bone_chi: float = DEFAULT_BONE_CHI,
+    deep_grey_sd: float = 0.01,
+    white_matter_sd: float = 0.003,
+    anatomical_variation: bool = True,
+) -> Phantom:
+    """Brain-shaped susceptibility phantom with age-dependent deep grey and white matter.
+
+    The head is built from ellipsoids placed near their MNI152 positions (mm from the anterior
+    commissure): cerebrum (with a frontal floor and tentorium), cerebellum and brainstem form the
+    brain; a 3 mm CSF layer, a 7 mm skull and a 5 mm scalp surround it; below it lie the face and
+    neck with an air-filled sinus beneath the frontal lobes. Cortex is the outer 3 mm of the brain,
+    folded by random sulci; ventricles widen after 30. The head keeps its adult size (about
+    164 x 206 x 166 mm) unless the grid is too small, in which case it is shrunk to fit
+    (:attr:`Phantom.anatomy_scale`).
+
+    Parameters
+    ----------
+    shape : tuple of 3 ints
+        Grid size (x: left-right, y: posterior-anterior, z: inferior-superior).
+    voxel_size : sequence of 3 floats
+        Voxel edge lengths in mm.
+    age_years : float
+        Age that sets the ROI susceptibilities (:data:`TRUE_TRAJECTORIES`) and ventricle size.
+    seed : int
+        Subject identity: head size (0.95-1), position (±2 mm), sulcal pattern and per-ROI
+        susceptibility deviations.
+    air_chi, bone_chi : float
+        Susceptibility of air and of bone relative to CSF in ppm (physical values
+        :data:`PHYSICAL_AIR_CHI`, :data:`PHYSICAL_BONE_CHI`; defaults scaled by
+        :data:`BACKGROUND_SCALE`).
+    deep_grey_sd, white_matter_sd : float
+        Standard deviation (ppm) of the between-subject deviation of each ROI from its trajectory.
+    anatomical_variation : bool
+        If False, head size and position are the nominal ones (sulci and χ deviations still
+        follow ``seed``; set the SDs to 0 for the exact trajectory values).
+
+    Returns
+    -------
+    Phantom
+
+    References
+    ----------
+    Li W et al., Hum Brain Mapp 2014;35:2698-2713 (lifespan susceptibility trajectories).
+    """
+    shape = tuple(int(n) for n in shape)
+    voxel_size = tuple(float(v) for v in voxel_size)
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"shape must be 3 sizes of at least 8 voxels, got {shape}")
+    if len(voxel_size) != 3 or min(voxel_size) <= 0:
+        raise ValueError(f"voxel_size must be 3 positive lengths in mm, got {voxel_size}")
+    if not 0 <= age_years <= 120:
+        raise ValueError(f"age_years must be within 0..120, got {age_years}")
+    if deep_grey_sd < 0 or white_matter_sd < 0:
+        raise ValueError("deep_grey_sd and white_matter_sd must be non-negative")
+
+    rng = np.random.default_rng(seed)
+    x, y, z, scale = _anatomical_coordinates(shape, voxel_size, rng, anatomical_variation)
+    full = np.broadcast_shapes(x.shape, y.shape, z.shape)
+    # Distances from edt are on the grid, so convert anatomical mm to grid mm with `scale`.
+    sampling = voxel_size
+
+    def distance_inside(mask):
+        return ndimage.distance_transform_edt(mask, sampling=sampling).astype(np.float32) / scale
+
+    # --- brain outline ------------------------------------------------------------------
+    cerebrum = _ellipsoid(x, y, z, (0.0, -17.0, 14.0), (67.0, 87.0, 64.0))
+    frontal_floor = (y > 5.0) & (z < -22.0)
+    temporal_floor = (z < -44.0)
+    # Tentorium: a tent highest behind the splenium, sloping down backwards and sideways.
+    tentorium_height = -6.0 + 0.2 * (y + 40.0) - 0.004 * x**2
+    below_tentorium = (y < -40.0) & (z < tentorium_height)
+    cerebrum &= ~(frontal_floor | temporal_floor | below_tentorium)
+    cerebellum = _ellipsoid(x, y, z, (0.0, -62.0, -36.0), (50.0, 30.0, 26.0))
+    cerebellum &= (z < tentorium_height - 1.5) & ~cerebrum
+    brainstem = _ellipsoid(x, y, z, (0.0, -28.0, -30.0), (13.0, 14.0, 34.0))
+    spinal_cord = (np.hypot(x, y + 38.0) <= 6.0) & (z < -50.0) & ~brainstem
+    spinal_cord = np.broadcast_to(spinal_cord, full)
+    brain = cerebrum | cerebellum | brainstem
+
+    # --- head layers ----------------------------------------------------------------------
+    intracranial_core = brain | spinal_cord
+    distance_out = ndimage.distance_transform_edt(~intracranial_core, sampling=sampling)
+    distance_out = distance_out.astype(np.float32) / scale
+    intracranial = distance_out <= 3.0
+    del distance_out
+    distance_skull = ndimage.distance_transform_edt(~intracranial, sampling=sampling)
+    distance_skull = distance_skull.astype(np.float32) / scale
+    skull = (distance_skull <= 7.0) & ~intracranial
+    face = _ellipsoid(x, y, z, (0.0, 10.0, -52.0), (58.0, 76.0, 44.0))
+    neck = (((x / 48.0) ** 2 + ((y + 30.0) / 50.0) ** 2) <= 1.0) & (z < -40.0)
+    head = (distance_skull <= 12.0) | face | neck
+    del distance_skull
+    head = ndimage.binary_fill_holes(head)
+    scalp = head & (distance_inside(head) <= 5.0)
+
+    sinus_center, sinus_axes = _SINUS
+    sinus = _ellipsoid(x, y, z, sinus_center, sinus_axes) & head
+    sinus_wall = _ellipsoid(x, y, z, sinus_center, tuple(a + 2.5 for a in sinus_axes)) & head
+
+    # --- folding: CSF sheets along zero crossings of a smooth random field ---------------
+    noise = rng.standard_normal(full).astype(np.float32)
+    sigma_vox = [4.0 * scale / d for d in voxel_size]
+    folding = ndimage.gaussian_filter(noise, sigma_vox)
+    del noise
+    folding /= folding.std() + np.float32(1e-12)
+    depth = distance_inside(cerebrum)
+    sulci = cerebrum & (depth <= 9.0) & (depth > 1.0) & (np.abs(folding) < 0.12)
+    corpus_callosum_and_below = _ellipsoid(x, y, z, (0.0, -4.0, 0.0), (10.0, 40.0, 26.0)) | (z < 0.0)
+    fissure = cerebrum & (np.abs(x) < 1.5) & ~corpus_callosum_and_below
+    del folding
+
+    ventricle_growth = 1.0 + 0.006 * max(age_years - 30.0, 0.0)
+
+    def grown(semi):
+        return tuple(s * ventricle_growth for s in semi)
+
+    ventricles = _structure(x, y, z, (8.0, -8.0, 17.0), grown((4.5, 25.0, 7.0)), True)
+    ventricles |= _ellipsoid(x, y, z, (0.0, -15.0, 2.0), grown((1.5, 10.0, 6.0)))
+    ventricles |= _ellipsoid(x, y, z, (0.0, -44.0, -30.0), grown((4.0, 4.0, 4.0)))
+    ventricles &= brain
+
+    tissue_for_cortex = brain & ~(sulci | fissure)
+    cortex = ~brainstem & tissue_for_cortex & (distance_inside(tissue_for_cortex) <= 3.0)
+
+    # --- tissue classes, painted in order (later wins) ------------------------------------
+    tissues = np.zeros(full, dtype=np.int8)
+    tissues[head] = _TISSUE["soft_tissue"].index
+    tissues[scalp] = _TISSUE["scalp"].index
+    tissues[skull | sinus_wall] = _TISSUE["bone"].index
+    tissues[sinus] = _TISSUE["sinus_air"].index
+    tissues[intracranial] = _TISSUE["csf"].index
+    tissues[spinal_cord] = _TISSUE["spinal_cord"].index
+    tissues[brain] = _TISSUE["white_matter"].index
+    tissues[brainstem & ~cerebrum] = _TISSUE["brainstem"].index
+    tissues[cortex] = _TISSUE["cortex"].index
+    tissues[sulci | fissure | ventricles] = _TISSUE["csf"].index
+
+    labels = np.zeros(full, dtype=np.int16)
+    roi_chi = {}
+    for roi in ROI_LABELS:
+        trajectory_value = true_susceptibility(roi.abbreviation, age_years)
+        sd = deep_grey_sd if roi.kind == "deep_grey" else white_matter_sd
+        roi_chi[roi.abbreviation] = float(trajectory_value + (rng.normal(0.0, sd) if sd else 0.0))
+    # White matter ROIs first, so that nuclei win where ellipsoids touch.
+    for roi in sorted(ROI_LABELS, key=lambda r: r.kind != "white_matter"):
+        geometry = _WHITE_MATTER_ROIS.get(roi.abbreviation) or _DEEP_GREY[roi.abbreviation]
+        mask = _structure(x, y, z, *geometry, roi.abbreviation in _BILATERAL) & brain & ~ventricles
+        labels[mask] = roi.index
+        if roi.kind == "deep_grey":
+            tissues[mask] = _TISSUE["deep_grey"].index
+        else:
+            tissues[mask] = _TISSUE["white_matter"].index
+
+    # --- properties ---------------------------------------------------------------------
+    chi = np.zeros(full, dtype=np.float32)
+    m0 = np.zeros(full, dtype=np.float32)
+    r2star = np.zeros(full, dtype=np.float32)
+    for tissue in TISSUES:
+        where = tissues == tissue.index
+        m0[where] = tissue.m0
+        r2star[where] = tissue.r2star
+    chi[(tissues == _TISSUE["air"].index) | (tissues == _TISSUE["sinus_air"].index)] = air_chi
+    chi[tissues == _TISSUE["bone"].index] = bone_chi
+    chi[tissues == _TISSUE["cortex"].index] = CORTEX_CHI
+    chi[tissues == _TISSUE["white_matter"].index] = _curve(BACKGROUND_WHITE_MATTER_TRAJECTORY, age_years)
+    chi[(tissues == _TISSUE["brainstem"].index) | (tissues == _TISSUE["spinal_cord"].index)] = BRAINSTEM_CHI
+    for roi in ROI_LABELS:
+        where = labels == roi.index
+        value = roi_chi[roi.abbreviation]
+        chi[where] = value
+        if roi.kind == "deep_grey":
+            r2star[where] = _TISSUE["deep_grey"].r2star + R2STAR_PER_PPM_IRON * max(value, 0.0)
+
+    brain_mask = brain.copy()
+    return Phantom(
+        chi=chi,
+        brain_mask=brain_mask,
+        head_mask=head,
+        labels=labels,
+        label_names={roi.index: roi.abbreviation for roi in ROI_LABELS},
+        m0=m0,
+        r2star=r2star,
+        tissues=tissues,
+        voxel_size=voxel_size,
+        age_years=float(age_years),
+        seed=int(seed),
+        air_chi=float(air_chi),
+        roi_chi=roi_chi,
+        anatomy_scale=float(scale),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# fields and signal
+
+
+@dataclass
+class FieldMaps:
+    """Field perturbation (ppm of B0) split into local and background parts."""
+
+    total: np.ndarray
+    local: np.ndarray
+    background: np.ndarray
+
+
+def _normalised_direction(b0_direction) -> np.ndarray:
+    direction = np.asarray(b0_direction, dtype=np.float64)
+    if direction.shape != (3,) or not np.all(np.isfinite(direction)) or np.linalg.norm(direction) == 0:
+        raise ValueError(f"b0_direction must be a non-zero 3-vector, got {b0_direction!r}")
+    return direction / np.linalg.norm(direction)
+
+
+def _shim(field_ppm: np.ndarray, mask: np.ndarray, order: int | None) -> np.ndarray:
+    """Least-squares fit over ``mask`` of polynomial terms up to ``order`` (the scanner's shim)."""
+    if order is None:
+        return np.zeros_like(field_ppm)
+    index = np.nonzero(mask)
+    centre = [np.mean(i) for i in index]
+    coords = [(np.arange(n, dtype=np.float64) - c) / n for n, c in zip(field_ppm.shape, centre)]
+    exponents = [(i, j, k) for i in range(order + 1) for j in range(order + 1) for k in range(order + 1)
+                 if i + j + k <= order]
+    design = np.stack([coords[0][index[0]] ** i * coords[1][index[1]] ** j * coords[2][index[2]] ** k
+                       for i, j, k in exponents], axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, field_ppm[index].astype(np.float64), rcond=None)
+    fitted = np.zeros(field_ppm.shape, dtype=np.float64)
+    x = coords[0][:, None, None]
+    y = coords[1][None, :, None]
+    z = coords[2][None, None, :]
+    for coefficient, (i, j, k) in zip(coefficients, exponents):
+        fitted += coefficient * (x**i * y**j * z**k)
+    return fitted.astype(np.float32)
+
+
+def simulate_field(
+    phantom: Phantom,
+    *,
+    b0_direction=(0.0, 0.0, 1.0),
+    shim_order: int | None = 1,
+    padding: int | None = None,
+) -> FieldMaps:
+    """Total, local and background field (ppm) of a phantom.
+
+    The total field is the dipole field of the whole head, computed with the map shifted so that
+    air is zero and padded with air on all sides except below, where the neck is extended so that
+    the cut through the neck at the bottom of the grid does not act as a surface source. A shim of
+    ``shim_order`` (0: mean, 1: plus linear, 2: plus quadratic terms), fitted over the brain, is
+    then subtracted as a scanner would. The local field is the field of the brain's own
+    susceptibility (relative to CSF, zero outside the brain mask); the background field is the
+    difference, which is harmonic inside the brain.
+
+    Parameters
+    ----------
+    phantom : Phantom
+    b0_direction : sequence of 3 floats
+        Main-field direction in voxel axes.
+    shim_order : {None, 0, 1, 2}
+        Order of the shim removed from the total field.
+    padding : int, optional
+        Voxels of padding on each side (default: half the largest grid size).
+
+    Returns
+    -------
+    FieldMaps (float32, ppm of B0).
+    """
+    direction = _normalised_direction(b0_direction)
+    if shim_order not in (None, 0, 1, 2):
+        raise ValueError(f"shim_order must be None, 0, 1 or 2, got {shim_order!r}")
+    pad = max(phantom.shape) // 2 if padding is None else int(padding)
+    if pad < 0:
+        raise ValueError("padding must be non-negative")
+    relative_to_air = phantom.chi - np.float32(phantom.air_chi)
+    extended = np.pad(relative_to_air, ((0, 0), (0, 0), (pad, 0)), mode="edge")
+    extended = np.pad(extended, ((pad, pad), (pad, pad), (0, pad)))
+    total = forward_field(extended, phantom.voxel_size, direction)
+    total = total[pad:pad + phantom.shape[0], pad:pad + phantom.shape[1], pad:pad + phantom.shape[2]]
+    total = total - _shim(total, phantom.brain_mask, shim_order)
+    brain_chi = np.where(phantom.brain_mask, phantom.chi, np.float32(0.0))
+    local = forward_field(brain_chi, phantom.voxel_size, direction, padding=pad)
+    total = np.ascontiguousarray(total, dtype=np.float32)
+    return FieldMaps(total=total, local=local, background=(total - local).astype(np.float32))
+
+
+def _phase_offset(shape, rng) -> np.ndarray:
+    """Smooth receive phase at TE = 0: a constant plus gentle linear and quadratic terms (rad)."""
+    coords = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape]
+    x, y, z = coords[0][:, None, None], coords[1][None, :, None], coords[2][None, None, :]
+    linear = rng.uniform(-1.0, 1.0, size=3).astype(np.float32)
+    quadratic = rng.uniform(-0.5, 0.5, size=3).astype(np.float32)
+    offset = np.float32(rng.uniform(-np.pi, np.pi))
+    return (offset + linear[0] * x + linear[1] * y + linear[2] * z
+            + quadratic[0] * x**2 + quadratic[1] * y**2 + quadratic[2] * z**2).astype(np.float32)
+
+
+_PI_BELOW = np.nextafter(np.float32(np.pi), np.float32(0.0))
+
+
+def wrap_phase(phase: np.ndarray) -> np.ndarray:
+    """Wrap radians into [-π, π) as float32 (values within float32 rounding of ±π are clipped)."""
+    wrapped = np.mod(np.asarray(phase, dtype=np.float64) + np.pi, 2.0 * np.pi) - np.pi
+    return np.clip(wrapped.astype(np.float32), -_PI_BELOW, _PI_BELOW)
+
+
+def simulate_multi_echo(
+    phantom: Phantom,
+    *,
+    echo_times=DEFAULT_ECHO_TIMES,
+    field_strength: float = 3.0,
+    b0_direction=(0.0, 0.0, 1.0),
+    snr: float = 100.0,
+    phase_offset: bool = True,
+    seed: int = 0,
+    shim_order: int | None = 1,
+    field_ppm: np.ndarray | None = None,
+):
+    """Multi-echo GRE magnitude and wrapped phase of a phantom.
+
+    Signal per echo: ``m0 exp(-R2* TE) exp(i (φ0 + 2π f TE)) + n`` with f the total field in Hz
+    (:func:`simulate_field`), φ0 a smooth phase offset and n complex Gaussian noise whose standard
+    deviation per channel is the mean brain ``m0`` divided by ``snr``.
+
+    Parameters
+    ----------
+    phantom : Phantom
+    echo_times : sequence of floats
+        Echo times in seconds, increasing.
+    field_strength : float
+        B0 in tesla.
+    b0_direction : sequence of 3 floats
+        Main-field direction in voxel axes.
+    snr : float
+        Signal-to-noise ratio of the brain's proton density (``inf`` for no noise).
+    phase_offset : bool
+        Add the smooth TE = 0 phase φ0.
+    seed : int
+        Seed of the noise and of φ0.
+    shim_order : {None, 0, 1, 2}
+        Passed to :func:`simulate_field` when ``field_ppm`` is not given.
+    field_ppm : array, optional
+        Precomputed total field (ppm) to use instead of computing it (``b0_direction`` and
+        ``shim_order`` are then unused).
+
+    Returns
+    -------
+    magnitude, phase : float32 arrays of shape ``phantom.shape + (n_echoes,)``; phase in
+    radians wrapped to [-π, π).
+    """
+    echo_times = np.asarray(echo_times, dtype=np.float64)
+    if echo_times.ndim != 1 or echo_times.size == 0 or np.any(echo_times <= 0):
+        raise ValueError(f"echo_times must be positive seconds, got {echo_times.tolist()}")
+    if np.any(np.diff(echo_times) <= 0):
+        raise ValueError("echo_times must be strictly increasing")
+    if field_strength <= 0:
+        raise ValueError(f"field_strength must be positive tesla, got {field_strength}")
+    if not snr > 0:
+        raise ValueError(f"snr must be positive, got {snr}")
+    if field_ppm is None:
+        field_ppm = simulate_field(phantom, b0_direction=b0_direction, shim_order=shim_order).total
+    elif field_ppm.shape != phantom.shape:
+        raise ValueError(f"field_ppm has shape {field_ppm.shape}, phantom {phantom.shape}")
+    rng = np.random.default_rng(seed)
+    offset = _phase_offset(phantom.shape, rng) if phase_offset else np.zeros(phantom.shape, np.float32)
+    field_hz = ppm_to_hz(field_ppm.astype(np.float32), field_strength).astype(np.float32)
+    sigma = float(phantom.m0[phantom.brain_mask].mean()) / snr if np.isfinite(snr) else 0.0
+
+    magnitude = np.empty(phantom.shape + (echo_times.size,), dtype=np.float32)
+    phase = np.empty_like(magnitude)
+    for echo, te in enumerate(echo_times):
+        decay = phantom.m0 * np.exp(-phantom.r2star * np.float32(te))
+        angle = offset + np.float32(2.0 * np.pi * te) * field_hz
+        signal = decay * np.exp(1j * angle).astype(np.complex64)
+        if sigma:
+            noise = rng.standard_normal((2,) + phantom.shape, dtype=np.float32) * np.float32(sigma)
+            signal += noise[0] + 1j * noise[1]
+        magnitude[..., echo] = np.abs(signal)
+        phase[..., echo] = wrap_phase(np.angle(signal))
+    return magnitude, phase
+
+
+def affine_for_b0_direction(b0_direction, voxel_size, shape=None) -> np.ndarray:
+    """NIfTI affine of a grid whose voxel axes are rotated so that world z is ``b0_direction``.
+
+    The rotation is the smallest one that takes world z onto ``b0_direction`` expressed in voxel
+    axes (Rodrigues' formula), so :func:`qsmflow.recon.dipole.b0_direction_from_affine` returns
+    the normalised ``b0_direction``. With ``shape`` the grid centre is put at the world origin.
+
+    Parameters
+    ----------
+    b0_direction : sequence of 3 floats
+        Main-field direction in voxel axes.
+    voxel_size : sequence of 3 floats
+        Voxel edge lengths in mm.
+    shape : tuple of 3 ints, optional
+        Grid size, used only to centre the field of view.
+
+    Returns
+    -------
+    (4, 4) float64 array.
+    """
+    b = _normalised_direction(b0_direction)
+    voxel_size = np.asarray(voxel_size, dtype=np.float64)
+    if voxel_size.shape != (3,) or np.any(voxel_size <= 0):
+        raise ValueError(f"voxel_size must be 3 positive lengths, got {voxel_size.tolist()}")
+    world_z = np.array([0.0, 0.0, 1.0])
+    # world_to_voxel takes world z onto b; the affine's rotation is its transpose.
+    axis = np.cross(world_z, b)
+    sine, cosine = np.linalg.norm(axis), float(np.dot(world_z, b))
+    if sine < 1e-12:
+        world_to_voxel = np.eye(3) if cosine > 0 else np.diag([1.0, -1.0, -1.0])
+    else:
+        k = axis / sine
+        cross = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+        world_to_voxel = np.eye(3) + sine * cross + (1.0 - cosine) * cross @ cross
+    rotation = world_to_voxel.T
+    affine = np.eye(4)
+    affine[:3, :3] = rotation * voxel_size[None, :]
+    if shape is not None:
+        centre = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
+        affine[:3, 3] = -affine[:3, :3] @ centre
+    return affine
+
+
+# ---------------------------------------------------------------------------------------------
+# BIDS writer
+
+
+def default_demo_cohort(n_subjects: int = 4, *, min_age: float = 8.0, max_age: float = 80.0) -> list[dict]:
+    """Subjects spread evenly over the lifespan for ``qsmflow demo``.
+
+    Returns
+    -------
+    list of dicts with ``label`` ("01", "02", ...), ``age`` (years), ``sex`` ("F"/"M").
+    """
+    if n_subjects < 1:
+        raise ValueError(f"n_subjects must be at least 1, got {n_subjects}")
+    if not 0 <= min_age <= max_age:
+        raise ValueError("ages must satisfy 0 <= min_age <= max_age")
+    ages = np.linspace(min_age, max_age, n_subjects) if n_subjects > 1 else np.array([min_age])
+    width = max(2, len(str(n_subjects)))
+    return [
+        {"label": f"{i + 1:0{width}d}", "age": float(round(age, 1)), "sex": "F" if i % 2 == 0 else "M"}
+        for i, age in enumerate(ages)
+    ]
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+
+
+def _clean_label(value, prefix: str) -> str:
+    label = str(value)
+    if label.startswith(prefix + "-"):
+        label = label[len(prefix) + 1:]
+    if not _LABEL.match(label):
+        raise ValueError(f"{prefix} label must be alphanumeric, got {value!r}")
+    return label
+
+
+def _normalise_subjects(subjects, sessions) -> list[dict]:
+    if not subjects:
+        raise ValueError("subjects must list at least one (label, age) or dict")
+    normalised = []
+    for entry in subjects:
+        if isinstance(entry, dict):
+            if "label" not in entry or "age" not in entry:
+                raise ValueError(f"subject dict needs 'label' and 'age': {entry!r}")
+            spec = dict(entry)
+        elif isinstance(entry, (tuple, list)) and len(entry) == 2:
+            spec = {"label": entry[0], "age": entry[1]}
+        else:
+            raise ValueError(f"subject must be (label, age) or a dict, got {entry!r}")
+        spec["label"] = _clean_label(spec["label"], "sub")
+        spec["age"] = float(spec["age"])
+        if not 0 <= spec["age"] <= 120:
+            raise ValueError(f"age of sub-{spec['label']} must be within 0..120, got {spec['age']}")
+        spec.setdefault("sex", "n/a")
+        spec.setdefault("seed", zlib.crc32(spec["label"].encode()) % (2**31))
+        subject_sessions = spec.get("sessions", sessions)
+        if subject_sessions is None:
+            spec["sessions"] = {None: spec["age"]}
+        elif isinstance(subject_sessions, dict):
+            spec["sessions"] = {_clean_label(k, "ses"): float(v) for k, v in subject_sessions.items()}
+        else:
+            spec["sessions"] = {_clean_label(k, "ses"): spec["age"] for k in subject_sessions}
+        if not spec["sessions"]:
+            raise ValueError(f"sub-{spec['label']} has an empty session list")
+        normalised.append(spec)
+    labels = [s["label"] for s in normalised]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"subject labels must be unique, got {labels}")
+    uses_sessions = {None in s["sessions"] for s in normalised}
+    if len(uses_sessions) > 1:
+        raise ValueError("either every subject has sessions or none has")
+    return normalised
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _write_tsv(path: Path, header: list, rows: list) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_xyzt_units("mm", "sec")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, str(path))
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("qsmflow")
+    except Exception:  # not installed: running from a source tree
+        return "0+unknown"
+
+
+def write_bids_dataset(
+    root,
+    subjects,
+    *,
+    field_strength: float = 3.0,
+    echo_times=DEFAULT_ECHO_TIMES,
+    b0_direction=(0.0, 0.0, 1.0),
+    shape=DEFAULT_SHAPE,
+    voxel_size=DEFAULT_VOXEL_SIZE,
+    snr: float = 100.0,
+    sessions=None,
+    air_chi: float = DEFAULT_AIR_CHI,
+    shim_order: int | None = 1,
+) -> Path:
+    """Simulate subjects and write them as a raw BIDS dataset with ground-truth derivatives.
+
+    Layout (``[_ses-Y]`` only when sessions are used)::
+
+        dataset_description.json  README  participants.tsv  participants.json
+        sub-X/[ses-Y/]anat/sub-X[_ses-Y]_echo-N_part-{mag,phase}_MEGRE.nii.gz (+ .json)
+        sub-X/sub-X_sessions.tsv                                    (with sessions)
+        derivatives/simulation/dataset_description.json
+        derivatives/simulation/sub-X/[ses-Y/]anat/sub-X[_ses-Y]_
+            Chimap.nii.gz (ppm rel. CSF, 0 outside the brain)  desc-brain_mask.nii.gz
+            dseg.nii.gz + dseg.tsv  desc-total_fieldmap.nii.gz  desc-local_fieldmap.nii.gz (ppm)
+            R2starmap.nii.gz (1/s)  desc-truth_roistats.tsv          (+ .json sidecars)
+
+    Parameters
+    ----------
+    root : path
+        Dataset directory (created; existing subject files are overwritten).
+    subjects : list
+        ``(label, age)`` tuples or dicts with ``label``, ``age`` and optionally ``sex``, ``seed``,
+        ``b0_direction`` and ``sessions`` (list of labels, or dict label -> age at that session).
+    field_strength : float
+        B0 in tesla.
+    echo_times : sequence of floats
+        Echo times in seconds.
+    b0_direction : sequence of 3 floats
+        Main-field direction in voxel axes, carried in each image's affine.
+    shape, voxel_size
+        Grid (see :func:`brain_phantom`).
+    snr : float
+        See :func:`simulate_multi_echo`.
+    sessions : list of str, optional
+        Session labels given to every subject (same age; new noise and phase offset per session).
+    air_chi, shim_order
+        See :func:`brain_phantom` and :func:`simulate_field`.
+
+    Returns
+    -------
+    Path of ``root``.
+    """
+    root = Path(root)
+    specs = _normalise_subjects(subjects, sessions)
+    echo_times = tuple(float(t) for t in echo_times)
+    root.mkdir(parents=True, exist_ok=True)
+    truth_root = root / "derivatives" / "simulation"
+    truth_root.mkdir(parents=True, exist_ok=True)
+    version = _package_version()
+
+    _write_json(root / "dataset_description.json", {
+        "Name": "qsmflow simulated multi-echo GRE cohort",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "raw",
+        "License": "CC0",
+        "Authors": ["qsmflow simulation"],
+        "GeneratedBy": [{"Name": "qsmflow.simulate", "Version": version}],
+    })
+    (root / "README").write_text(
+        "Simulated multi-echo gradient-echo data of a numerical head phantom made by\n"
+        "qsmflow.simulate. Ground truth (susceptibility, masks, labels, fields) is in\n"
+        "derivatives/simulation.\n"
+    )
+    _write_tsv(root / "participants.tsv", ["participant_id", "age", "sex"],
+               [[f"sub-{s['label']}", f"{s['age']:g}", s["sex"]] for s in specs])
+    _write_json(root / "participants.json", {
+        "age": {"Description": "age of the participant (first session)", "Units": "year"},
+        "sex": {"Description": "sex of the participant", "Levels": {"F": "female", "M": "male"}},
+    })
+    _write_json(truth_root / "dataset_description.json", {
+        "Name": "qsmflow simulation ground truth",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "qsmflow.simulate", "Version": version,
+                         "Description": "brain phantom, dipole forward model, multi-echo GRE"}],
+        "SourceDatasets": [{"URL": "../../"}],
+    })
+
+    for spec in specs:
+        direction = _normalised_direction(spec.get("b0_direction", b0_direction))
+        affine = affine_for_b0_direction(direction, voxel_size, shape)
+        if None not in spec["sessions"]:
+            subject_dir = root / f"sub-{spec['label']}"
+            subject_dir.mkdir(parents=True, exist_ok=True)
+            _write_tsv(subject_dir / f"sub-{spec['label']}_sessions.tsv", ["session_id", "age"],
+                       [[f"ses-{k}", f"{v:g}"] for k, v in spec["sessions"].items()])
+        for session_index, (session, age) in enumerate(spec["sessions"].items()):
+            phantom = brain_phantom(shape, voxel_size, age_years=age, seed=spec["seed"], air_chi=air_chi)
+            fields = simulate_field(phantom, b0_direction=direction, shim_order=shim_order)
+            magnitude, phase = simulate_multi_echo(
+                phantom, echo_times=echo_times, field_strength=field_strength, b0_direction=direction,
+                snr=snr, seed=spec["seed"] + 7919 * (session_index + 1), field_ppm=fields.total)
+            relative = Path(f"sub-{spec['label']}") / (f"ses-{session}" if session else "") / "anat"
+            stem = f"sub-{spec['label']}" + (f"_ses-{session}" if session else "")
+            anat = root / relative
+            anat.mkdir(parents=True, exist_ok=True)
+            common = {
+                "MagneticFieldStrength": float(field_strength),
+                "ImagingFrequency": round(GYROMAGNETIC_RATIO_MHZ_PER_T * field_strength, 6),
+                "Manufacturer": "qsmflow simulation",
+                "MRAcquisitionType": "3D",
+                "RepetitionTime": round(max(echo_times) + 0.007, 6),
+                "FlipAngle": 15,
+            }
+            for echo, te in enumerate(echo_times, start=1):
+                for part, data, units in (("mag", magnitude, "arbitrary"), ("phase", phase, "rad")):
+                    name = f"{stem}_echo-{echo}_part-{part}_MEGRE"
+                    _save_nifti(anat / f"{name}.nii.gz", np.ascontiguousarray(data[..., echo - 1]), affine)
+                    _write_json(anat / f"{name}.json", {"EchoTime": te, "Units": units, **common})
+
+            truth = truth_root / relative
+            truth.mkdir(parents=True, exist_ok=True)
+            chi_brain = np.where(phantom.brain_mask, phantom.chi, np.float32(0.0)).astype(np.float32)
+            outputs = {
+                "Chimap": (chi_brain, {"Units": "ppm", "Description": "susceptibility relative to CSF"}),
+                "desc-brain_mask": (phantom.brain_mask.astype(np.uint8), {"Type": "Brain"}),
+                "dseg": (phantom.labels, {"Description": "bilateral ROI labels, see dseg.tsv"}),
+                "desc-total_fieldmap": (fields.total, {
+                    "Units": "ppm", "Description": f"total field after a shim of order {shim_order}"}),
+                "desc-local_fieldmap": (fields.local, {
+                    "Units": "ppm", "Description": "field of the brain's susceptibility (rel. CSF)"}),
+                "R2starmap": (phantom.r2star, {"Units": "1/s"}),
+            }
+            for suffix, (data, sidecar) in outputs.items():
+                _save_nifti(truth / f"{stem}_{suffix}.nii.gz", data, affine)
+                _write_json(truth / f"{stem}_{suffix}.json", {
+                    **sidecar, "AgeYears": age, "Seed": spec["seed"], "B0Direction": direction.tolist(),
+                    "MagneticFieldStrength": float(field_strength), "AirSusceptibility": phantom.air_chi,
+                })
+            _write_tsv(truth / f"{stem}_dseg.tsv", ["index", "name", "abbreviation", "kind"],
+                       [[r.index, r.name, r.abbreviation, r.kind] for r in ROI_LABELS])
+            voxel_volume = float(np.prod(voxel_size))
+            rows = []
+            for roi in ROI_LABELS:
+                count = int(np.count_nonzero(phantom.labels == roi.index))
+                rows.append([roi.abbreviation, count, f"{count * voxel_volume:g}",
+                             f"{phantom.roi_chi[roi.abbreviation]:.6f}",
+                             f"{true_susceptibility(roi.abbreviation, age):.6f}"])
+            _write_tsv(truth / f"{stem}_desc-truth_roistats.tsv",
+                       ["name", "voxels", "volume", "mean", "trajectory"], rows)
+    return root

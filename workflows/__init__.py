@@ -1,0 +1,1 @@
+"""nipype workflow builders of qsmflow (installed as ``qsmflow.workflows``)."""

@@ -1,0 +1,41 @@
+"""Cohort-level workflow: one sub-workflow per subject, one per scan inside it."""
+from __future__ import annotations
+
+import re
+
+import nibabel as nib
+from nipype.pipeline import engine as pe
+
+from .recon import init_scan_qsm_wf
+
+
+def subject_workflow_name(subject: str) -> str:
+    """nipype name of a subject's sub-workflow (used again to attribute crashes)."""
+    return "sub_" + re.sub(r"[^A-Za-z0-9]", "_", subject) + "_wf"
+
+
+def init_participant_wf(scans, config: dict, output_dir, *, name: str = "qsmflow_wf"):
+    """Reconstruct every scan of every selected participant.
+
+    Parameters
+    ----------
+    scans : list of qsmflow.bids.Scan
+        Validated scans (from :func:`qsmflow.bids.collect_scans`).
+    config : dict
+        Validated configuration.
+    output_dir : path
+        Root of the derivatives dataset.
+
+    Returns
+    -------
+    nipype Workflow named ``name`` containing ``sub_<label>_wf`` workflows, each with one
+    ``<scan>_wf`` per scan (see :func:`qsmflow.workflows.recon.init_scan_qsm_wf`).
+    """
+    workflow = pe.Workflow(name=name)
+    subjects: dict[str, pe.Workflow] = {}
+    for scan in scans:
+        subject_wf = subjects.setdefault(scan.subject, pe.Workflow(name=subject_workflow_name(scan.subject)))
+        shape = nib.load(scan.magnitude_files[0]).shape
+        subject_wf.add_nodes([init_scan_qsm_wf(scan, config, output_dir, shape=shape, name=f"{scan.node_name}_{scan.suffix}_wf")])
+    workflow.add_nodes(list(subjects.values()))
+    return workflow

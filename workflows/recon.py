@@ -1,0 +1,155 @@
+"""Per-scan QSM reconstruction workflow."""
+from __future__ import annotations
+
+import numpy as np
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from qsmflow.config import method_parameters
+from qsmflow.interfaces.derivatives import WriteScanDerivatives
+from qsmflow.interfaces.recon import (
+    BrainMask,
+    FitField,
+    InvertDipole,
+    LoadEchoes,
+    R2Star,
+    ReferenceSusceptibility,
+    RemoveBackground,
+    UnwrapPhase,
+)
+
+#: Peak memory of each node as a multiple of one float32 copy of the 3-D volume, measured on
+#: 164x205x205 (see tests/benchmarks); per echo for the multi-echo stages.
+_MEMORY_PER_VOLUME = {"load": 6, "mask": 8, "unwrap": 14, "echoes": 10, "r2star": 6, "background": 40, "inversion": 40, "reference": 4}
+
+
+def _memory_gb(stage: str, voxels: int, echoes: int) -> float:
+    per_echo = stage in {"load", "unwrap", "echoes", "r2star"}
+    volumes = _MEMORY_PER_VOLUME[stage] * (echoes if per_echo else 1)
+    return round(max(0.25, volumes * voxels * 4 / 1024**3), 2)
+
+
+def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan_qsm_wf"):
+    """Reconstruct one multi-echo GRE scan into a susceptibility map.
+
+    Workflow graph: load echoes → brain mask → unwrap → echo fit (field, Hz) → background
+    removal (local field, ppm) → dipole inversion → reference → write derivatives; R2* from
+    the magnitude when there are several echoes.
+
+    Parameters
+    ----------
+    scan : qsmflow.bids.Scan
+        Input files, echo times and field strength of the scan.
+    config : dict
+        Validated configuration (:func:`qsmflow.config.load_config`).
+    output_dir : path
+        Root of the derivatives dataset.
+    shape : tuple of int
+        Image shape, to declare each node's memory.
+
+    Inputs
+    ------
+    (none: the scan's files are fixed when the graph is built)
+
+    Outputs
+    -------
+    chimap
+        Path of the written ``_Chimap.nii.gz``.
+    """
+    from pathlib import Path
+
+    workflow = pe.Workflow(name=name)
+    voxels = int(np.prod(shape))
+    echoes = len(scan.echo_times)
+    multi_echo = echoes > 1
+    b0_direction = config["input"]["b0_direction"]
+
+    def node(interface, stage, node_name=None):
+        return pe.Node(interface, name=node_name or stage, mem_gb=_memory_gb(stage, voxels, echoes), n_procs=1)
+
+    load = node(LoadEchoes(
+        magnitude_files=scan.magnitude_files,
+        phase_files=scan.phase_files,
+        phase_units=config["input"]["phase_units"],
+    ), "load", "load_echoes")
+
+    mask = node(BrainMask(method=config["mask"]["method"], parameters=method_parameters(config, "mask") if config["mask"]["method"] != "file" else {}), "mask", "brain_mask")
+    if config["mask"]["method"] == "file":
+        entities = {key: (value or "") for key, value in scan.entities.items()}
+        mask.inputs.mask_file = config["mask"]["file"].format(
+            subject=entities["subject"], session=entities["session"],
+            acquisition=entities["acquisition"], run=entities["run"],
+        )
+
+    unwrap = node(UnwrapPhase(
+        method=config["unwrap"]["method"], parameters=method_parameters(config, "unwrap"), echo_times=scan.echo_times,
+    ), "unwrap", "unwrap_phase")
+    fit = node(FitField(
+        method=config["echoes"]["method"], parameters=method_parameters(config, "echoes"), echo_times=scan.echo_times,
+    ), "echoes", "fit_field")
+    background = node(RemoveBackground(
+        method=config["background"]["method"], parameters=method_parameters(config, "background"),
+        field_strength=scan.field_strength,
+    ), "background", "remove_background")
+    inversion = node(InvertDipole(
+        method=config["inversion"]["method"], parameters=method_parameters(config, "inversion"),
+    ), "inversion", "invert_dipole")
+    if b0_direction:
+        background.inputs.b0_direction = [float(v) for v in b0_direction]
+        inversion.inputs.b0_direction = [float(v) for v in b0_direction]
+    reference = node(ReferenceSusceptibility(method=config["reference"]["method"]), "reference", "reference_chi")
+
+    root = Path(scan.magnitude_files[0]).parents[3 if scan.entities.get("session") else 2]
+    writer = pe.Node(WriteScanDerivatives(
+        output_dir=str(output_dir),
+        entities={k: v for k, v in scan.entities.items() if v is not None},
+        source_files=[str(Path(p).relative_to(root)) for p in scan.magnitude_files + scan.phase_files],
+        scan_metadata={
+            "EchoTime": scan.echo_times,
+            "MagneticFieldStrength": scan.field_strength,
+            "SkullStripped": False,
+        },
+    ), name="write_derivatives", mem_gb=0.5, n_procs=1)
+    # The writer is cheap, rewrites nothing unchanged, and must restore outputs deleted since the
+    # last run, so it always runs; every computing node before it is cached.
+    writer.overwrite = True
+
+    with_r2star = multi_echo and config["r2star"]["enabled"]
+    provenance = pe.Node(niu.Merge(8 if with_r2star else 7), name="collect_provenance", run_without_submitting=True)
+
+    workflow.connect([
+        (load, mask, [("magnitude", "magnitude")]),
+        (load, unwrap, [("phase", "phase"), ("magnitude", "magnitude")]),
+        (mask, unwrap, [("mask", "mask")]),
+        (unwrap, fit, [("unwrapped", "unwrapped")]),
+        (load, fit, [("magnitude", "magnitude")]),
+        (mask, fit, [("mask", "mask")]),
+        (fit, background, [("field_hz", "field_hz")]),
+        (mask, background, [("mask", "mask")]),
+        (background, inversion, [("local_field", "local_field"), ("mask", "mask")]),
+        (load, inversion, [("magnitude", "magnitude")]),
+        (inversion, reference, [("chi", "chi")]),
+        (background, reference, [("mask", "mask")]),
+        (reference, writer, [("chi", "chi")]),
+        (mask, writer, [("mask", "brain_mask")]),
+        (background, writer, [("mask", "qsm_mask"), ("local_field", "local_field")]),
+        (fit, writer, [("field_hz", "total_field")]),
+        (load, provenance, [("provenance", "in1")]),
+        (mask, provenance, [("provenance", "in2")]),
+        (unwrap, provenance, [("provenance", "in3")]),
+        (fit, provenance, [("provenance", "in4")]),
+        (background, provenance, [("provenance", "in5")]),
+        (inversion, provenance, [("provenance", "in6")]),
+        (reference, provenance, [("provenance", "in7")]),
+        (provenance, writer, [("out", "provenance")]),
+    ])
+    if with_r2star:
+        r2star = node(R2Star(method=config["r2star"]["method"], echo_times=scan.echo_times), "r2star", "r2star_map")
+        workflow.connect([
+            (load, r2star, [("magnitude", "magnitude")]),
+            (mask, r2star, [("mask", "mask")]),
+            (r2star, writer, [("r2star", "r2star")]),
+            (r2star, provenance, [("provenance", "in8")]),
+        ])
+    return workflow
+
