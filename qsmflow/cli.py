@@ -27,6 +27,8 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, help="nipype cache; rerunning with the same one resumes (default: OUTPUT_DIR/.work)")
     parser.add_argument("--nprocs", type=int, help="parallel processes for MultiProc (default: all cores)")
     parser.add_argument("--plugin", help="nipype plugin: MultiProc (default), Linear, SLURM, SLURMGraph, SGE, PBS")
+    parser.add_argument("--plugin-args", type=Path, metavar="FILE",
+                        help="YAML file of plugin arguments (e.g. sbatch_args), merged into execution.plugin_args")
     parser.add_argument("--debug", action="store_true", help="verbose logs and full tracebacks")
 
 
@@ -56,6 +58,8 @@ def build_demo_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s qsmflow %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    for chatty in ("bids", "bidsschematools"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def _load_config(args):
@@ -68,24 +72,23 @@ def _load_config(args):
         overrides.append(f"execution.nprocs={args.nprocs}")
     if args.plugin:
         overrides.append(f"execution.plugin={args.plugin}")
-    return load_config(args.config, overrides)
+    config = load_config(args.config, overrides)
+    if args.plugin_args:
+        import yaml
 
-
-def _plugin_settings(config: dict) -> tuple[str, dict]:
-    execution = config["execution"]
-    plugin_args = dict(execution["plugin_args"] or {})
-    if execution["plugin"] == "MultiProc":
-        plugin_args.setdefault("n_procs", execution["nprocs"] or os.cpu_count() or 1)
-        if execution["mem_gb"]:
-            plugin_args.setdefault("memory_gb", execution["mem_gb"])
-        plugin_args.setdefault("raise_insufficient", False)
-    return execution["plugin"], plugin_args
+        if not args.plugin_args.is_file():
+            raise UsageError(f"{args.plugin_args}: plugin arguments file not found")
+        extra = yaml.safe_load(args.plugin_args.read_text()) or {}
+        if not isinstance(extra, dict):
+            raise UsageError(f"{args.plugin_args}: expected a mapping of plugin arguments")
+        config["execution"]["plugin_args"] = {**config["execution"]["plugin_args"], **extra}
+    return config
 
 
 def run_participant(bids_dir: Path, output_dir: Path, *, participant_labels=(), config: dict, work_dir: Path | None = None, debug: bool = False) -> int:
     """Reconstruct the selected participants; return the process exit code."""
     from .bids import check_output_dir, collect_scans, write_dataset_description
-    from .execution import format_failures, run_workflow
+    from .execution import format_failures, plugin_settings, run_workflow
     from .workflows.base import init_participant_wf
 
     bids_dir, output_dir = Path(bids_dir).absolute(), Path(output_dir).absolute()
@@ -101,7 +104,7 @@ def run_participant(bids_dir: Path, output_dir: Path, *, participant_labels=(), 
     LOGGER.info("%d scan(s) of %d participant(s); preset %s; work directory %s",
                 len(scans), len({s.subject for s in scans}), config["preset"], work_dir)
     workflow = init_participant_wf(scans, config, output_dir)
-    plugin, plugin_args = _plugin_settings(config)
+    plugin, plugin_args = plugin_settings(config)
     failures = run_workflow(workflow, work_dir, plugin=plugin, plugin_args=plugin_args, debug=debug)
     names = {f"{s.node_name}_{s.suffix}": f"{s.name}_{s.suffix}" for s in scans}
     for failure in failures:

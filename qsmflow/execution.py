@@ -45,15 +45,34 @@ def configure_nipype(work_dir: Path, crash_dir: Path, *, debug: bool = False) ->
     nipype_logging.update_logging(nipype_config)
 
 
-def run_workflow(workflow, work_dir, *, plugin: str = "MultiProc", plugin_args: dict | None = None, debug: bool = False) -> list[Failure]:
-    """Run ``workflow`` with its cache in ``work_dir``; return the failed nodes (empty on success)."""
+def plugin_settings(config: dict) -> tuple[str, dict]:
+    """nipype plugin name and arguments from the ``execution`` section of a configuration."""
+    execution = config["execution"]
+    plugin_args = dict(execution["plugin_args"] or {})
+    if execution["plugin"] == "MultiProc":
+        plugin_args.setdefault("n_procs", execution["nprocs"] or os.cpu_count() or 1)
+        if execution["mem_gb"]:
+            plugin_args.setdefault("memory_gb", execution["mem_gb"])
+        plugin_args.setdefault("raise_insufficient", False)
+    return execution["plugin"], plugin_args
+
+
+def run_workflow(workflow, work_dir, *, plugin: str = "MultiProc", plugin_args: dict | None = None, debug: bool = False,
+                 status_callback=None) -> list[Failure]:
+    """Run ``workflow`` with its cache in ``work_dir``; return the failed nodes (empty on success).
+
+    ``status_callback(node, status)`` is nipype's plugin callback ('start', 'end', 'exception').
+    """
+    plugin_args = dict(plugin_args or {})
+    if status_callback is not None:
+        plugin_args["status_callback"] = status_callback
     work_dir = Path(work_dir).resolve()
     crash_dir = work_dir / "crashes" / time.strftime("%Y%m%d-%H%M%S")
     configure_nipype(work_dir, crash_dir, debug=debug)
     workflow.base_dir = str(work_dir)
     workflow.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt"})
     try:
-        workflow.run(plugin=plugin, plugin_args=plugin_args or {})
+        workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as error:
         failures = read_crash_files(crash_dir)
         if not failures:

@@ -86,6 +86,7 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
     ), "unwrap", "unwrap_phase")
     fit = node(FitField(
         method=config["echoes"]["method"], parameters=method_parameters(config, "echoes"), echo_times=scan.echo_times,
+        outlier_factor=config["echoes"]["outlier_factor"],
     ), "echoes", "fit_field")
     background = node(RemoveBackground(
         method=config["background"]["method"], parameters=method_parameters(config, "background"),
@@ -124,8 +125,7 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
         (unwrap, fit, [("unwrapped", "unwrapped")]),
         (load, fit, [("magnitude", "magnitude")]),
         (mask, fit, [("mask", "mask")]),
-        (fit, background, [("field_hz", "field_hz")]),
-        (mask, background, [("mask", "mask")]),
+        (fit, background, [("field_hz", "field_hz"), ("mask", "mask")]),
         (background, inversion, [("local_field", "local_field"), ("mask", "mask")]),
         (load, inversion, [("magnitude", "magnitude")]),
         (inversion, reference, [("chi", "chi")]),

@@ -14,6 +14,7 @@ from nipype.interfaces.base import (
 
 from ..config import registry
 from ..recon import dipole, units
+from ..recon.masking import reliable_field_mask
 from .base import function_provenance, load_volume, save_like
 
 
@@ -183,10 +184,13 @@ class _FitFieldInputSpec(_MethodInputSpec):
     magnitude = File(exists=True, mandatory=True)
     mask = File(exists=True, mandatory=True)
     echo_times = traits.List(traits.Float, mandatory=True)
+    outlier_factor = traits.Either(None, traits.Float, default=None, usedefault=True,
+                                   desc="drop voxels whose fit residual is an outlier (robust z-score); None keeps all")
 
 
 class _FitFieldOutputSpec(_ProvenanceOutputSpec):
     field_hz = File(exists=True, desc="total field map (Hz)")
+    mask = File(exists=True, desc="brain mask without voxels whose phase the fit cannot explain")
 
 
 class FitField(SimpleInterface):
@@ -205,6 +209,14 @@ class FitField(SimpleInterface):
         self._results["field_hz"] = save_like(field_hz, image, "total_field_hz.nii")
         provenance = function_provenance(function, self.inputs.parameters)
         provenance["EchoTimes"] = list(self.inputs.echo_times)
+        if self.inputs.outlier_factor is not None:
+            reliable = reliable_field_mask(mask, fit["residual"], outlier_factor=self.inputs.outlier_factor)
+            provenance["ReliabilityMask"] = {
+                **function_provenance(reliable_field_mask, {"outlier_factor": self.inputs.outlier_factor}),
+                "VoxelsExcluded": int(mask.sum() - reliable.sum()),
+            }
+            mask = reliable
+        self._results["mask"] = save_like(mask, image, "field_mask.nii", dtype=np.uint8)
         self._results["provenance"] = provenance
         return runtime
 

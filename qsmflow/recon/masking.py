@@ -140,4 +140,40 @@ def brain_mask_from_magnitude(
 
 
 #: Masking algorithms by config name; signature ``(magnitude, voxel_size, **params)``.
+def reliable_field_mask(mask: np.ndarray, residual: np.ndarray, *, outlier_factor: float = 10.0) -> np.ndarray:
+    """Drop voxels whose multi-echo phase does not follow a line in echo time.
+
+    Voxels with little signal (bone, vessels, air next to tissue) get a field estimate dominated
+    by noise or unwrapping errors, and a single such voxel inside the mask spoils background
+    removal around it. A voxel is kept when its RMS fit residual is at most
+    ``median + outlier_factor · 1.4826 · MAD`` of the residuals in the mask (a robust z-score,
+    Hampel's outlier rule); the largest connected component of the kept voxels is returned.
+    This follows the phase-quality masking of multi-echo QSM pipelines (e.g. QSMxT, Stewart
+    et al., MRM 2022) with a threshold that adapts to the noise level.
+
+    Parameters
+    ----------
+    mask : bool array
+        Brain mask.
+    residual : float array
+        RMS residual (rad) of the echo fit, as returned by :mod:`qsmflow.recon.echoes` fits.
+    outlier_factor : float
+        Robust z-score above which a voxel is unreliable.
+
+    Returns
+    -------
+    bool array, a subset of ``mask``.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if outlier_factor <= 0:
+        raise ValueError(f"outlier_factor must be positive, got {outlier_factor}")
+    values = residual[mask]
+    median = np.median(values)
+    spread = 1.4826 * np.median(np.abs(values - median))
+    if spread == 0:  # a single echo or noise-free data: nothing to judge by
+        return mask.copy()
+    reliable = mask & (residual <= median + outlier_factor * spread)
+    return _largest_component(reliable)
+
+
 MASKING_METHODS = {"threshold": brain_mask_from_magnitude}
