@@ -28,11 +28,11 @@ class _MaskBox:
         self.shape = mask.shape
         self.box = tuple(slice(int(index[0]), int(index[-1]) + 1) for index in occupied)
         self.margin = margin_voxels
-        self.crop = None
+        self.inside, self.crop = pad_to_fast_shape(mask[self.box], margin_voxels)
 
-    def extract(self, array, dtype=np.float32):
-        padded, self.crop = pad_to_fast_shape(np.asarray(array[self.box], dtype=dtype), self.margin)
-        return padded
+    def extract(self, array):
+        """``array`` (float32) on the padded box grid."""
+        return pad_to_fast_shape(np.asarray(array[self.box], dtype=np.float32), self.margin)[0]
 
     def restore(self, array):
         full = np.zeros(self.shape, dtype=array.dtype)
@@ -113,10 +113,10 @@ def sharp(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), radius
     _check_radius(radius_mm, voxel_size)
     _check_threshold(threshold)
     box = _MaskBox(mask, _margin_voxels(radius_mm, voxel_size))
-    field, inside = box.extract(field), box.extract(mask)
+    field = box.extract(field)
     shape = field.shape
     sphere = sphere_kernel(shape, voxel_size, radius_mm)
-    eroded = _smv_erode(rfftn(inside), sphere, shape, voxel_size, radius_mm)
+    eroded = _smv_erode(rfftn(box.inside.astype(np.float32)), sphere, shape, voxel_size, radius_mm)
     high_pass = 1.0 - sphere
     filtered = irfftn(rfftn(field) * high_pass, shape)
     filtered *= eroded
@@ -166,23 +166,23 @@ def vsharp(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), radii
         _check_radius(radius, voxel_size)
     _check_threshold(threshold)
     box = _MaskBox(mask, _margin_voxels(radii[0], voxel_size))
-    field, inside = box.extract(field), box.extract(mask)
+    field = box.extract(field)
     shape = field.shape
     field_spectrum = rfftn(field)
-    mask_spectrum = rfftn(inside)
+    mask_spectrum = rfftn(box.inside.astype(np.float32))
     combined = np.zeros(shape, np.float32)
     valid = np.zeros(shape, bool)
     largest_high_pass = None
     for radius in radii:
-        high_pass = 1.0 - sphere_kernel(shape, voxel_size, radius)
-        eroded = _smv_erode(mask_spectrum, 1.0 - high_pass, shape, voxel_size, radius)
+        sphere = sphere_kernel(shape, voxel_size, radius)
+        eroded = _smv_erode(mask_spectrum, sphere, shape, voxel_size, radius)
+        high_pass = np.subtract(np.float32(1.0), sphere, out=sphere)
         if largest_high_pass is None:
             largest_high_pass = high_pass
         newly_valid = eroded & ~valid
         if newly_valid.any():
-            filtered = irfftn(field_spectrum * high_pass, shape)
-            np.copyto(combined, filtered, where=newly_valid)
-            valid |= eroded
+            np.copyto(combined, irfftn(field_spectrum * high_pass, shape), where=newly_valid)
+            valid |= newly_valid
     if not valid.any():
         raise ValueError("no voxel is valid for any V-SHARP radius: the mask is too small for the radii")
     local = _deconvolve_smv(combined, largest_high_pass, threshold)
@@ -217,8 +217,8 @@ def _conjugate_gradient(apply, rhs, *, tolerance, iterations, precondition=None)
     return solution
 
 
-def pdf(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), padding=16, tolerance=1e-2,
-        iterations=100, weight=None):
+def pdf(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), padding=8, tolerance=1e-3,
+        iterations=50, weight=None):
     """Projection onto dipole fields (PDF).
 
     Fits the field inside the mask with the fields of dipoles outside it, by weighted least
@@ -244,6 +244,14 @@ def pdf(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), padding=
     -------
     local_field : float32 array (ppm), zero outside the mask
     reduced_mask : bool array, the mask itself
+
+    Notes
+    -----
+    CG fits the background first and the local field's harmonic-looking part later, so the
+    iteration count trades background leakage against loss of local field. On a simulated
+    164x205x205 head the leakage was 4.7, 1.6 and 0.9 % of the background after 10, 40 and 160
+    iterations while the NRMSE of the local field stayed between 29 and 32 %; small heads reach
+    the tolerance in about 20 iterations.
     """
     field, mask, voxel_size, b0_direction = validated_field_inputs(total_field, mask, voxel_size, b0_direction,
                                                                    "total_field")
@@ -260,7 +268,8 @@ def pdf(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), padding=
             raise ValueError("weight must be finite, non-negative and not all zero inside the mask")
         weight_squared = np.where(mask, (weight / weight[mask].mean()) ** 2, 0).astype(np.float32)
     box = _MaskBox(mask, int(padding))
-    field, weight_squared, outside = box.extract(field), box.extract(weight_squared), box.extract(~mask)
+    field, weight_squared = box.extract(field), box.extract(weight_squared)
+    outside = (~box.inside).astype(np.float32)  # the margin too: sources may lie anywhere outside the mask
     shape = field.shape
     kernel = dipole_kernel(shape, voxel_size, b0_direction)
 
@@ -278,8 +287,7 @@ def pdf(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), padding=
     rhs *= outside
     sources = _conjugate_gradient(normal_operator, rhs, tolerance=tolerance, iterations=iterations)
     local = field - dipole_field(sources)
-    inside = box.extract(mask, bool)
-    local *= inside
+    local *= box.inside
     return box.restore(local.astype(np.float32)), mask.copy()
 
 
@@ -327,24 +335,24 @@ def lbv(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), toleranc
     if int(peel) != peel or peel < 0:
         raise ValueError(f"peel must be a non-negative integer, got {peel!r}")
     box = _MaskBox(mask, 2)
-    field, inside = box.extract(field), box.extract(mask, bool)
+    field = box.extract(field)
     shape = field.shape
-    interior = ndi.binary_erosion(inside, ndi.generate_binary_structure(3, 1))
+    interior = ndi.binary_erosion(box.inside, ndi.generate_binary_structure(3, 1))
     if not interior.any():
         raise ValueError("the mask has no interior voxel (every voxel touches its boundary)")
     inverse_squares = [1.0 / d**2 for d in voxel_size]
-    scratch = np.empty(shape, np.float32)
-    rhs = -_apply_laplacian(field, inverse_squares, np.empty(shape, np.float32))
+    rhs = _apply_laplacian(field, inverse_squares, np.empty(shape, np.float32))
+    rhs *= np.float32(-1.0)
     rhs *= interior
     with np.errstate(divide="ignore"):
         inverse_laplacian = (-1.0 / laplacian_kernel(shape, voxel_size)).astype(np.float32)
     inverse_laplacian[0, 0, 0] = 0.0
 
     def negative_laplacian(values):
-        result = _apply_laplacian(values, inverse_squares, scratch)
+        result = _apply_laplacian(values, inverse_squares, np.empty(shape, np.float32))
         result *= np.float32(-1.0)
         result *= interior
-        return result.copy()
+        return result
 
     def precondition(residual):
         result = irfftn(rfftn(residual) * inverse_laplacian, shape)

@@ -78,7 +78,8 @@ def tkd(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), threshol
     -------
     float32 array, ppm, zero outside ``mask``.
     """
-    field, mask, voxel_size, b0_direction = validated_field_inputs(local_field, mask, voxel_size, b0_direction, "local_field")
+    field, mask, voxel_size, b0_direction = validated_field_inputs(local_field, mask, voxel_size, b0_direction,
+                                                                   "local_field")
     if not 0 < threshold < 2.0 / 3.0:
         raise ValueError(f"threshold must lie in (0, 2/3), got {threshold!r}")
     _require_padding(padding)
@@ -98,8 +99,8 @@ def tikhonov(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), reg
     """Closed-form L2 inversion with a gradient regulariser.
 
     ``chi = F^-1[ D F(field) / (D^2 + regularization |E|^2) ]`` with ``|E|^2`` the spectrum of the
-    finite-difference gradient's normal operator (Bilgic et al., MRM 2014;72:1444-1459,
-    "Fast image reconstruction with L2-regularization").
+    finite-difference gradient's normal operator (Bilgic et al., "Fast image reconstruction with
+    L2-regularization", J Magn Reson Imaging 2014;40:181-191).
 
     Parameters
     ----------
@@ -114,7 +115,8 @@ def tikhonov(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), reg
     -------
     float32 array, ppm, zero outside ``mask``.
     """
-    field, mask, voxel_size, b0_direction = validated_field_inputs(local_field, mask, voxel_size, b0_direction, "local_field")
+    field, mask, voxel_size, b0_direction = validated_field_inputs(local_field, mask, voxel_size, b0_direction,
+                                                                   "local_field")
     _require_positive("regularization", regularization)
     _require_padding(padding)
     padded, crop = pad_to_fast_shape(field, padding)
@@ -160,6 +162,16 @@ class _AnisotropicTVStep:
         if self.pool is not None:
             self.pool.shutdown()
 
+    def multiply(self, spectrum, factor):
+        """In place ``spectrum *= factor``, split between the step's threads."""
+        if self.pool is None:
+            spectrum *= factor
+            return spectrum
+        bounds = np.linspace(0, spectrum.shape[0], len(self.chunks) + 1).astype(int)
+        parts = [slice(int(start), int(stop)) for start, stop in zip(bounds[:-1], bounds[1:])]
+        list(self.pool.map(lambda part: np.multiply(spectrum[part], factor[part], out=spectrum[part]), parts))
+        return spectrum
+
     def _threshold(self, axis, planes):
         value = self.thresholds[axis]
         return value[planes] if isinstance(value, np.ndarray) else value
@@ -172,13 +184,15 @@ class _AnisotropicTVStep:
         w = y - 2 * clipped
         return w * self.weights[0] if self.weights[0] is not None else w
 
-    def __call__(self, chi, previous_chi=None, offset=None):
+    def __call__(self, chi, previous_chi=None, offset=None, measure_change=True):
         """Update the duals and the divergence (plus ``offset``, if given).
 
-        Returns ``(||chi - previous_chi||^2, ||chi||^2)``.
+        Returns ``(||chi - previous_chi||^2, ||chi||^2)``, both 0 unless ``measure_change``.
         """
+        if not measure_change:
+            previous_chi = None
         carries = [self._first_axis_difference(chi, start - 1) for start, _ in self.chunks]
-        jobs = [(start, stop, carry, buffers, chi, previous_chi, offset)
+        jobs = [(start, stop, carry, buffers, chi, previous_chi, offset, measure_change)
                 for (start, stop), carry, buffers in zip(self.chunks, carries, self.buffers)]
         if self.pool is None:
             results = [self._run(*jobs[0])]
@@ -186,29 +200,29 @@ class _AnisotropicTVStep:
             results = list(self.pool.map(lambda job: self._run(*job), jobs))
         return tuple(float(sum(values)) for values in zip(*results))
 
-    def _run(self, start, stop, carry, buffers, chi, previous_chi, offset):
+    def _run(self, start, stop, carry, buffers, chi, previous_chi, offset, measure_change):
         n0 = self.shape[0]
         first_axis, other_axes = buffers
         change = norm = 0.0
-        for a in range(start, stop, _SLAB_PLANES):
-            b = min(a + _SLAB_PLANES, stop)
-            m = b - a
-            slab = chi[a:b]
-            divergence = self.divergence[a:b]
-            planes = slice(a, b)
+        for begin in range(start, stop, _SLAB_PLANES):
+            end = min(begin + _SLAB_PLANES, stop)
+            count = end - begin
+            slab = chi[begin:end]
+            divergence = self.divergence[begin:end]
+            planes = slice(begin, end)
             # Axis 0: w[j] for j in the slab; divergence[j] = w[j-1] - w[j] uses the carried plane.
-            w = first_axis[1:m + 1]
-            if b < n0:
-                np.subtract(chi[a + 1:b + 1], slab, out=w)
+            w = first_axis[1:count + 1]
+            if end < n0:
+                np.subtract(chi[begin + 1:end + 1], slab, out=w)
             else:
-                np.subtract(chi[a + 1:b], chi[a:b - 1], out=w[:-1])
-                np.subtract(chi[0], chi[b - 1], out=w[-1])
+                np.subtract(chi[begin + 1:end], chi[begin:end - 1], out=w[:-1])
+                np.subtract(chi[0], chi[end - 1], out=w[-1])
             self._shrink(w, 0, planes)
             first_axis[0] = carry
-            np.subtract(first_axis[:m], w, out=divergence)
+            np.subtract(first_axis[:count], w, out=divergence)
             carry = w[-1].copy()
             # Axis 1 lies inside the slab.
-            w = other_axes[:m]
+            w = other_axes[:count]
             np.subtract(slab[:, 1:], slab[:, :-1], out=w[:, :-1])
             np.subtract(slab[:, 0], slab[:, -1], out=w[:, -1])
             self._shrink(w, 1, planes)
@@ -230,14 +244,15 @@ class _AnisotropicTVStep:
             divergence_rows[:, 0] += w_rows[:, -1]
             divergence -= w
             if offset is not None:
-                divergence += offset[a:b]
+                divergence += offset[begin:end]
             if previous_chi is not None:
-                difference = other_axes[:m]
-                np.subtract(slab, previous_chi[a:b], out=difference)
+                difference = other_axes[:count]
+                np.subtract(slab, previous_chi[begin:end], out=difference)
                 flat = difference.reshape(-1)
                 change += float(np.dot(flat, flat))
-            flat = slab.reshape(-1)
-            norm += float(np.dot(flat, flat))
+            if measure_change:
+                flat = slab.reshape(-1)
+                norm += float(np.dot(flat, flat))
         return change, norm
 
     def _shrink(self, y, axis, planes):
@@ -288,7 +303,8 @@ def tv_admm(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), regu
 
     Minimises ``1/2 ||F^-1 D F chi - field||^2 + regularization sum_i ||grad_i chi||_1``
     (anisotropic TV, data fidelity on the whole padded grid) with the alternating direction
-    method of multipliers of Bilgic et al. (MRM 2014;72:1444-1459) as in the linear FANSI
+    method of multipliers of Bilgic et al. ("Fast quantitative susceptibility mapping with
+    L1-regularization and automatic parameter selection", MRM 2014;72:1444-1459) as in the linear FANSI
     solver (Milovic et al., MRM 2018;80:814-821): the chi-update is closed form in k-space
     (one rfftn and one irfftn per iteration), the gradient split is solved by soft thresholding
     in image space with periodic finite differences matching the k-space operator exactly.
@@ -311,8 +327,16 @@ def tv_admm(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), regu
     Returns
     -------
     float32 array, ppm, zero outside ``mask``.
+
+    Notes
+    -----
+    The defaults were chosen on a simulated brain (``tests/test_inversion.py``, 0.001 ppm noise):
+    NRMSE 8.0-8.7 % for lambda 2e-4 to 3e-4 (11.5 % at 5e-4, 19 % at 1e-3); rho between 30 and
+    300 lambda converges to the same map, 100 lambda fastest; tolerance 1e-3 stops after about 30
+    iterations within 0.2 % NRMSE of the converged map.
     """
-    field, mask, voxel_size, b0_direction = validated_field_inputs(local_field, mask, voxel_size, b0_direction, "local_field")
+    field, mask, voxel_size, b0_direction = validated_field_inputs(local_field, mask, voxel_size, b0_direction,
+                                                                   "local_field")
     penalty = 100.0 * regularization if penalty is None else penalty
     _require_positive("regularization", regularization)
     _require_positive("penalty", penalty)
@@ -322,32 +346,35 @@ def tv_admm(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), regu
     shape = padded.shape
     kernel = dipole_kernel(shape, voxel_size, b0_direction)
     step, divergence_scale = _tv_step(shape, voxel_size, regularization, penalty)
-    denominator = kernel**2 - np.float32(penalty) * laplacian_kernel(shape, voxel_size)
+    rho = np.float32(penalty * divergence_scale)
+    # chi-update: F chi = (D F field + rho F div) / (D^2 + penalty |E|^2) = update_filter F(div + data_term),
+    # with data_term = F^-1(D F field) / rho added to the divergence in image space.
+    update_filter = laplacian_kernel(shape, voxel_size)
+    update_filter *= np.float32(-penalty)
+    update_filter += kernel**2
     with np.errstate(divide="ignore"):
-        inverse = np.where(denominator > 0, 1.0 / denominator, 0.0).astype(np.float32)
-    # chi-update: F chi = inverse (D F field + rho_ref F div) = rho_ref inverse F(div + data_term),
-    # with data_term = F^-1(D F field) / rho_ref added to the divergence in image space.
-    update_filter = inverse * np.float32(penalty * divergence_scale)
+        np.divide(rho, update_filter, out=update_filter, where=update_filter > 0)
+    update_filter[0, 0, 0] = 0.0
+    kernel *= np.float32(1.0 / rho)
     spectrum = rfftn(padded)
     spectrum *= kernel
+    del kernel
     data_term = irfftn(spectrum, shape)
-    data_term *= np.float32(1.0 / (penalty * divergence_scale))
-    del kernel, denominator, inverse
-    spectrum = rfftn(data_term)
     spectrum *= update_filter
     chi = irfftn(spectrum, shape)
     previous = None
     try:
         for _ in range(int(iterations)):
-            change, norm = step(chi, previous, data_term)
-            if previous is not None and change <= tolerance**2 * norm:
+            change, norm = step(chi, previous, data_term, measure_change=tolerance > 0)
+            if tolerance > 0 and previous is not None and change <= tolerance**2 * norm:
                 break
-            spectrum = rfftn(step.divergence)
-            spectrum *= update_filter
+            spectrum = step.multiply(rfftn(step.divergence), update_filter)
             previous, chi = chi, irfftn(spectrum, shape)
     finally:
         step.close()
-    return np.where(mask, chi[crop], 0).astype(np.float32)
+    chi = chi[crop]
+    chi *= mask
+    return np.ascontiguousarray(chi)
 
 
 def weighted_tv(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), regularization=2e-4,
@@ -358,8 +385,8 @@ def weighted_tv(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), 
     Minimises ``1/2 ||W (F^-1 D F chi - field)||^2 + regularization sum_i ||M_g grad_i chi||_1``
     where ``W`` is zero outside the mask (the field there is unknown, not zero) and may carry
     voxel-wise reliability (e.g. normalised magnitude or inverse noise), and ``M_g`` optionally
-    down-weights the TV at edges of an anatomical prior, as in MEDI (Liu et al., MRM 2012;
-    67:137-147). Solved by ADMM with a second split ``v = F^-1 D F chi`` (Milovic et al.,
+    down-weights the TV at edges of an anatomical prior, as in MEDI (Liu J et al., NeuroImage
+    2012;59:2560-2568). Solved by ADMM with a second split ``v = F^-1 D F chi`` (Milovic et al.,
     MRM 2018;80:814-821), costing two rfftn and two irfftn per iteration.
 
     Parameters
@@ -382,8 +409,16 @@ def weighted_tv(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), 
     Returns
     -------
     float32 array, ppm, zero outside ``mask``.
+
+    Notes
+    -----
+    Restricting the data term to the mask removes the main error of :func:`tv_admm` near the
+    brain edge: NRMSE 4.7 % instead of 8.7 % on the simulated brain of ``tests/test_inversion.py``
+    (lambda 1e-4 to 2e-4 best; the ADMM penalties change the speed, not the result); it converges
+    more slowly (tolerance 3e-3 after about 50 iterations) at twice the FFT cost per iteration.
     """
-    field, mask, voxel_size, b0_direction = validated_field_inputs(local_field, mask, voxel_size, b0_direction, "local_field")
+    field, mask, voxel_size, b0_direction = validated_field_inputs(local_field, mask, voxel_size, b0_direction,
+                                                                   "local_field")
     gradient_penalty = 100.0 * regularization if gradient_penalty is None else gradient_penalty
     _require_positive("regularization", regularization)
     _require_positive("gradient_penalty", gradient_penalty)
@@ -405,7 +440,8 @@ def weighted_tv(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), 
     kernel = dipole_kernel(shape, voxel_size, b0_direction)
     gradient_weight = _padded_gradient_weight(gradient_weight, mask, shape, crop)
     step, divergence_scale = _tv_step(shape, voxel_size, regularization, gradient_penalty, gradient_weight)
-    denominator = np.float32(data_penalty) * kernel**2 - np.float32(gradient_penalty) * laplacian_kernel(shape, voxel_size)
+    denominator = (np.float32(data_penalty) * kernel**2
+                   - np.float32(gradient_penalty) * laplacian_kernel(shape, voxel_size))
     with np.errstate(divide="ignore"):
         inverse = np.where(denominator > 0, 1.0 / denominator, 0.0).astype(np.float32)
     data_filter = kernel * inverse * np.float32(data_penalty)
@@ -421,16 +457,14 @@ def weighted_tv(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), 
     previous = None
     try:
         for _ in range(int(iterations)):
-            change, norm = step(chi, previous)
-            if previous is not None and change <= tolerance**2 * norm:
+            change, norm = step(chi, previous, measure_change=tolerance > 0)
+            if tolerance > 0 and previous is not None and change <= tolerance**2 * norm:
                 break
             np.subtract(split, dual, out=split)
-            spectrum = rfftn(split)
-            spectrum *= data_filter
-            spectrum += rfftn(step.divergence) * divergence_filter
+            spectrum = step.multiply(rfftn(split), data_filter)
+            spectrum += step.multiply(rfftn(step.divergence), divergence_filter)
             previous, chi = chi, irfftn(spectrum, shape)
-            spectrum *= kernel
-            forward = irfftn(spectrum, shape)
+            forward = irfftn(step.multiply(spectrum, kernel), shape)
             # v-update: argmin_v 1/2 ||W (v - f)||^2 + mu/2 ||v - D chi - s||^2; then s += D chi - v.
             forward += dual
             np.multiply(forward, np.float32(data_penalty), out=split)
