@@ -19,6 +19,7 @@ from qsmflow.recon.dipole import (dipole_kernel, fft_workers, irfftn, laplacian_
 #: Planes along the first axis processed together by the iterative solvers' image-space step,
 #: small enough for the working set of one slab to stay in a core's cache.
 _SLAB_PLANES = 4
+_CHUNKS = 8
 
 
 def _require_positive(name, value):
@@ -151,12 +152,15 @@ class _AnisotropicTVStep:
         self.thresholds = thresholds
         self.weights = [None if w == 1 else np.float32(w) for w in weights]
         planes = shape[0]
-        threads = max(1, min(threads, planes // (2 * _SLAB_PLANES)))
-        bounds = np.linspace(0, planes, threads + 1).astype(int)
+        # The split into chunks is fixed, whatever the thread count, so that the sums behind the
+        # stopping rule, and hence the result, are bit-identical on any machine.
+        chunks = max(1, min(_CHUNKS, planes // (2 * _SLAB_PLANES)))
+        bounds = np.linspace(0, planes, chunks + 1).astype(int)
         self.chunks = [(int(start), int(stop)) for start, stop in zip(bounds[:-1], bounds[1:])]
         self.buffers = [(np.empty((_SLAB_PLANES + 1,) + shape[1:], np.float32),
                          np.empty((_SLAB_PLANES,) + shape[1:], np.float32)) for _ in self.chunks]
-        self.pool = ThreadPoolExecutor(len(self.chunks)) if len(self.chunks) > 1 else None
+        threads = max(1, min(threads, len(self.chunks)))
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
     def close(self):
         if self.pool is not None:
@@ -195,7 +199,7 @@ class _AnisotropicTVStep:
         jobs = [(start, stop, carry, buffers, chi, previous_chi, offset, measure_change)
                 for (start, stop), carry, buffers in zip(self.chunks, carries, self.buffers)]
         if self.pool is None:
-            results = [self._run(*jobs[0])]
+            results = [self._run(*job) for job in jobs]
         else:
             results = list(self.pool.map(lambda job: self._run(*job), jobs))
         return tuple(float(sum(values)) for values in zip(*results))
