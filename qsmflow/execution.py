@@ -45,16 +45,40 @@ def configure_nipype(work_dir: Path, crash_dir: Path, *, debug: bool = False) ->
     nipype_logging.update_logging(nipype_config)
 
 
+def _nipype_plugins() -> list[str]:
+    from nipype.pipeline import plugins
+
+    return sorted(name[:-len("Plugin")] for name in dir(plugins) if name.endswith("Plugin") and name != "Plugin")
+
+
 def plugin_settings(config: dict) -> tuple[str, dict]:
-    """nipype plugin name and arguments from the ``execution`` section of a configuration."""
+    """nipype plugin name and arguments from the ``execution`` section of a configuration.
+
+    For the cluster plugins (:data:`qsmflow.cluster.CLUSTER_PLUGINS`) the validated
+    ``execution.cluster`` settings travel in ``plugin_args['cluster']``; a ``cluster`` mapping
+    already in ``plugin_args`` (e.g. from ``--plugin-args FILE``) overrides them key by key.
+    Raises :class:`~qsmflow.config.ConfigError` for an unknown plugin or a bad cluster setting.
+    """
+    from .cluster import CLUSTER_PLUGINS, ClusterSettings
+    from .config import ConfigError
+
     execution = config["execution"]
+    plugin = execution["plugin"]
+    known = _nipype_plugins()
+    if plugin not in known:
+        raise ConfigError(f"configuration key 'execution.plugin': {plugin!r} is not a nipype plugin (known: {', '.join(known)})")
     plugin_args = dict(execution["plugin_args"] or {})
-    if execution["plugin"] == "MultiProc":
+    if plugin == "MultiProc":
         plugin_args.setdefault("n_procs", execution["nprocs"] or os.cpu_count() or 1)
         if execution["mem_gb"]:
             plugin_args.setdefault("memory_gb", execution["mem_gb"])
         plugin_args.setdefault("raise_insufficient", False)
-    return execution["plugin"], plugin_args
+    if plugin in CLUSTER_PLUGINS:
+        extra = plugin_args.get("cluster") or {}
+        if not isinstance(extra, dict):
+            raise ConfigError(f"plugin argument 'cluster': expected a mapping, got {extra!r}")
+        plugin_args["cluster"] = ClusterSettings.from_config({**(execution.get("cluster") or {}), **extra})
+    return plugin, plugin_args
 
 
 def run_workflow(workflow, work_dir, *, plugin: str = "MultiProc", plugin_args: dict | None = None, debug: bool = False,
@@ -62,17 +86,25 @@ def run_workflow(workflow, work_dir, *, plugin: str = "MultiProc", plugin_args: 
     """Run ``workflow`` with its cache in ``work_dir``; return the failed nodes (empty on success).
 
     ``status_callback(node, status)`` is nipype's plugin callback ('start', 'end', 'exception').
+    SLURM, SLURMGraph, SGE and PBS run through :mod:`qsmflow.cluster`. ``poll_sleep_duration``
+    and ``job_finished_timeout`` in ``plugin_args`` set nipype's options of those names.
     """
+    from .cluster import CLUSTER_PLUGINS, LOOP_SETTINGS, make_plugin
+
     plugin_args = dict(plugin_args or {})
     if status_callback is not None:
         plugin_args["status_callback"] = status_callback
+    loop_settings = {key: str(plugin_args.pop(key)) for key in LOOP_SETTINGS if key in plugin_args}
     work_dir = Path(work_dir).resolve()
     crash_dir = work_dir / "crashes" / time.strftime("%Y%m%d-%H%M%S")
     configure_nipype(work_dir, crash_dir, debug=debug)
     workflow.base_dir = str(work_dir)
-    workflow.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt"})
+    workflow.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt", **loop_settings})
     try:
-        workflow.run(plugin=plugin, plugin_args=plugin_args)
+        if plugin in CLUSTER_PLUGINS:
+            workflow.run(plugin=make_plugin(plugin, plugin_args))
+        else:
+            workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as error:
         failures = read_crash_files(crash_dir)
         if not failures:
