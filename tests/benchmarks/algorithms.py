@@ -8,7 +8,8 @@ Accuracy block: datasets from the independent ``qsm-forward`` simulator (``simpl
 3 T and 7 T, four echoes 4/12/20/28 ms, peak SNR 100, phase offset and second-order shim
 field) and qsmflow's own brain phantom (3 T, 2 mm, air/bone background). Each method is fed
 either the true input of its stage ("isolated") or the output of the stage before as the
-``default`` preset computes it ("chained"). Whole presets are scored chained from raw phase.
+``default`` preset computes it ("chained"), with the parameters ``configs/default.yaml`` sets
+for that method. Whole presets are scored chained from raw phase.
 Metrics follow QSM-CI: NRMSE and HFEN in %, XSIM, Pearson correlation, in the evaluated
 mask (method's output mask ∩ true mask); seconds; peak memory of numpy allocations
 (tracemalloc) in GB.
@@ -144,13 +145,15 @@ def accuracy_block(workdir: Path) -> None:
         chained_total, chained_mask = field_stage(data, default["unwrap"]["method"], default["echoes"]["method"], brain)
         for method, function in background.BACKGROUND_METHODS.items():
             for mode, (field, mask) in {"isolated": (data["total_ppm"], true_mask), "chained": (chained_total, chained_mask)}.items():
-                (local, kept), seconds, peak = measured(function, field, mask, vs, b0_direction=b0)
+                (local, kept), seconds, peak = measured(function, field, mask, vs, b0_direction=b0,
+                                                        **(default["background"].get(method) or {}))
                 print(row(name, "background", method, mode, local, data["local_ppm"], kept & true_mask, seconds, peak, full=False))
         chained_local, chained_local_mask = background.BACKGROUND_METHODS[default["background"]["method"]](
-            chained_total, chained_mask, vs, b0_direction=b0)
+            chained_total, chained_mask, vs, b0_direction=b0, **method_parameters(default, "background"))
         for method, function in inversion.INVERSION_METHODS.items():
             for mode, (field, mask) in {"isolated": (data["local_ppm"], true_mask), "chained": (chained_local, chained_local_mask)}.items():
-                chi, seconds, peak = measured(function, field, mask, vs, b0_direction=b0)
+                chi, seconds, peak = measured(function, field, mask, vs, b0_direction=b0,
+                                              **(default["inversion"].get(method) or {}))
                 print(row(name, "inversion", method, mode, chi, data["chi"], mask & true_mask, seconds, peak))
         for preset in ("fast", "default", "accurate"):
             (chi, mask), seconds, peak = measured(chain, data, load_config(preset))
@@ -220,7 +223,7 @@ def timing_block(repeats: int) -> None:
     local, local_mask = background.vsharp(total, field_mask, vs)
     cache: dict = {}
 
-    def report(stage, method, function, *args, **kwargs):
+    def report(stage, label, function, /, *args, **kwargs):
         seconds, peaks, floors, counts = [], [], [], []
         for _ in range(repeats):
             with FFTCounter() as counter:
@@ -231,7 +234,7 @@ def timing_block(repeats: int) -> None:
             floors.append(sum(fft_seconds(n, s, d, cache) for n, s, d in counter.calls))
         median, floor = statistics.median(seconds), statistics.median(floors)
         ratio = f"{median / floor:6.2f}" if floor else f"{'-':>6}"
-        print(f"{stage:11s} {method:16s} {median:8.2f} {int(statistics.median(counts)):5d} {floor:8.2f} {ratio} {max(peaks):6.2f}", flush=True)
+        print(f"{stage:11s} {label:16s} {median:8.2f} {int(statistics.median(counts)):5d} {floor:8.2f} {ratio} {max(peaks):6.2f}", flush=True)
 
     report("mask", "threshold", masking.brain_mask_from_magnitude, rss, vs)
     for unwrapper in unwrap.SPATIAL_UNWRAPPERS:
@@ -240,10 +243,11 @@ def timing_block(repeats: int) -> None:
     for fit, function in echoes.FIELD_FITS.items():
         report("echo fit", fit, function, unwrapped, magnitude, ECHO_TIMES, mask=mask)
     report("R2*", "loglinear", echoes.r2star_map, magnitude, ECHO_TIMES, mask=mask)
+    default = load_config("default")
     for method, function in background.BACKGROUND_METHODS.items():
-        report("background", method, function, total, field_mask, vs, b0_direction=b0)
+        report("background", method, function, total, field_mask, vs, b0_direction=b0, **(default["background"].get(method) or {}))
     for method, function in inversion.INVERSION_METHODS.items():
-        report("inversion", method, function, local, local_mask, vs, b0_direction=b0)
+        report("inversion", method, function, local, local_mask, vs, b0_direction=b0, **(default["inversion"].get(method) or {}))
     for preset in ("fast", "default", "accurate"):
         report("chain", preset, chain, data, load_config(preset))
 
