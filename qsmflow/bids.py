@@ -103,11 +103,21 @@ def check_output_dir(bids_dir: Path, output_dir: Path) -> None:
                 f"{output_dir}: output directory is inside the input dataset {bids_dir}; "
                 "use a directory outside it or under its derivatives/ folder"
             )
-    probe = output_dir
-    while not probe.exists():
+    check_writable_dir(output_dir, "output directory")
+
+
+def check_writable_dir(path: Path, role: str = "directory") -> None:
+    """Fail early when ``path`` cannot be created or written: the nearest existing ancestor
+    must be a directory that allows writing (``access(2)``: permission bits for ordinary
+    users, the immutable attribute and read-only mounts for everyone, root included)."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{path}: cannot create the {role}: {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"{output_dir}: output directory is not writable")
+        where = "" if probe == Path(path) else f" ({probe} does not allow creating it)"
+        raise InputError(f"{path}: {role} is not writable{where}")
 
 
 def _echo_time(path: str, metadata: dict) -> float:

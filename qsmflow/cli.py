@@ -2,13 +2,17 @@
 
     qsmflow BIDS_DIR OUTPUT_DIR participant [options]
     qsmflow demo OUTPUT_DIR [options]
+    qsmflow status WORK_DIR OUTPUT_DIR
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -29,6 +33,8 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugin", help="nipype plugin: MultiProc (default), Linear, SLURM, SLURMGraph, SGE, PBS")
     parser.add_argument("--plugin-args", type=Path, metavar="FILE",
                         help="YAML file of plugin arguments (e.g. sbatch_args), merged into execution.plugin_args")
+    parser.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto",
+                        help="progress display: a bar on a terminal, log lines otherwise (default: auto)")
     parser.add_argument("--debug", action="store_true", help="verbose logs and full tracebacks")
 
 
@@ -36,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qsmflow",
         description="Quantitative susceptibility mapping from a BIDS dataset of multi-echo GRE scans.",
-        epilog="Also: 'qsmflow demo OUTPUT_DIR' runs the pipeline on a simulated cohort.",
+        epilog="Also: 'qsmflow demo OUTPUT_DIR' runs the pipeline on a simulated cohort; "
+           "'qsmflow status WORK_DIR OUTPUT_DIR' tells where a cohort run stands.",
     )
     parser.add_argument("--version", action="version", version=f"qsmflow {__version__}")
     parser.add_argument("bids_dir", type=Path, help="root of the BIDS dataset (never written to)")
@@ -56,10 +63,61 @@ def build_demo_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_status_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qsmflow status",
+                                     description="Report which scans of a cohort run are done, failed (and why) or pending.")
+    parser.add_argument("work_dir", type=Path, help="the run's --work-dir (default of a run: OUTPUT_DIR/.work)")
+    parser.add_argument("output_dir", type=Path, help="the derivatives dataset")
+    return parser
+
+
 def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s qsmflow %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    """qsmflow's own messages on standard error; nipype's only with --debug (else in a log file
+    of the work directory, see :class:`_NipypeLogFile`), since failures are summarised."""
+    from .progress import BarAwareHandler
+
+    logger = logging.getLogger("qsmflow")
+    for handler in [h for h in logger.handlers if getattr(h, "_qsmflow", False)]:
+        logger.removeHandler(handler)
+    handler = BarAwareHandler(sys.stderr)
+    handler._qsmflow = True
+    handler.setFormatter(logging.Formatter("%(asctime)s qsmflow %(levelname)s: %(message)s", datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
     for chatty in ("bids", "bidsschematools"):
         logging.getLogger(chatty).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # nipype adds its own stdout handler on import unless "nipype" has one already.
+    nipype_logger = logging.getLogger("nipype")
+    nipype_logger.propagate = False
+    if debug:
+        if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in nipype_logger.handlers):
+            nipype_logger.addHandler(logging.StreamHandler(sys.stderr))
+    else:
+        for handler in list(nipype_logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                nipype_logger.removeHandler(handler)
+        if not any(isinstance(h, logging.NullHandler) for h in nipype_logger.handlers):
+            nipype_logger.addHandler(logging.NullHandler())
+
+
+class _NipypeLogFile:
+    """Context: copy nipype's log records of one run to ``WORK_DIR/logs/nipype-<time>.log``."""
+
+    def __init__(self, work_dir: Path):
+        self.path = work_dir / "logs" / f"nipype-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(self.path)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        logging.getLogger("nipype").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("nipype").removeHandler(self.handler)
+        self.handler.close()
+        return False
 
 
 def _load_config(args):
@@ -85,44 +143,205 @@ def _load_config(args):
     return config
 
 
-def run_participant(bids_dir: Path, output_dir: Path, *, participant_labels=(), config: dict, work_dir: Path | None = None, debug: bool = False) -> int:
-    """Reconstruct the selected participants; return the process exit code."""
-    from .bids import check_output_dir, collect_scans, write_dataset_description
-    from .execution import format_failures, plugin_settings, run_workflow
-    from .workflows.base import init_participant_wf
+_FORK_HOOK = {"installed": False, "forking_pid": None}
+
+
+def _children_die_with_their_parent() -> None:
+    """Make every process forked from now on (MultiProc's workers) die when the process that
+    forked it dies, e.g. of ``kill -9``: otherwise the workers finish their node as orphans,
+    wait forever for more, and may write into the cache while a rerun recomputes the same
+    node. Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere nothing changes."""
+    if _FORK_HOOK["installed"] or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return
+    set_parent_death_signal = 1  # PR_SET_PDEATHSIG in <linux/prctl.h>
+
+    def remember_parent():
+        _FORK_HOOK["forking_pid"] = os.getpid()
+
+    def in_child():
+        prctl(set_parent_death_signal, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != _FORK_HOOK["forking_pid"]:  # the parent died before prctl took effect
+            os._exit(1)
+
+    os.register_at_fork(before=remember_parent, after_in_child=in_child)
+    _FORK_HOOK["installed"] = True
+
+
+def _display_name(scan) -> str:
+    return f"{scan.name}_{scan.suffix}"
+
+
+def _scan_workflow(scan) -> str:
+    return f"{scan.node_name}_{scan.suffix}_wf"
+
+
+def _remove_stale_temporaries(output_dir: Path, scans) -> int:
+    """Delete temporary files that an interrupted writer of these scans left behind.
+
+    Derivatives are written as ``.<final name>.<random>.tmp`` and renamed; a kill between
+    the two leaves the temporary file (never a partial file under the final name).
+    """
+    from .bids import derivative_path
+
+    removed = 0
+    for scan in scans:
+        entities = {k: v for k, v in scan.entities.items() if v is not None}
+        directory = derivative_path(output_dir, entities, "Chimap").parent
+        if not directory.is_dir():
+            continue
+        prefix = re.escape("." + scan.name + "_")
+        pattern = re.compile(prefix + r"(?!(ses|acq|rec|run)-).+\.tmp$")
+        for path in directory.iterdir():
+            if pattern.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _one_line(failure) -> str:
+    """A failure's reason as one line, without the type for qsmflow's own ValueErrors."""
+    reason = failure.reason
+    if reason.startswith("ValueError: ") or reason.startswith("InputError: "):
+        reason = reason.split(": ", 1)[1]
+    return reason
+
+
+def run_participant(bids_dir: Path, output_dir: Path, *, participant_labels=(), config: dict, work_dir: Path | None = None,
+                    debug: bool = False, progress: str = "auto") -> int:
+    """Reconstruct the selected participants; return the process exit code.
+
+    Scans whose inputs fail the checks are reported and skipped; the others run. The run
+    ends with a table of what failed (subject, scan, step, reason, crash file) and, as the
+    last line, one line naming the first problem; the exit code is then 1.
+    """
+    from .bids import check_output_dir, check_writable_dir, collect_scans, derivative_path, write_dataset_description
+    from .execution import Failure, format_failures, plugin_settings, run_workflow
+    from .progress import RunProgress
+    from .status import end_run_record, record_scans, start_run_record
+    from .workflows.base import init_participant_wf, subject_workflow_name
 
     bids_dir, output_dir = Path(bids_dir).absolute(), Path(output_dir).absolute()
+    plugin, plugin_args = plugin_settings(config)
     check_output_dir(bids_dir, output_dir)
     scans, invalid = collect_scans(bids_dir, participant_labels, field_strength=config["input"]["field_strength"])
     for scan_name, reason in invalid:
         LOGGER.error("skipping %s: %s", scan_name, reason)
+    invalid_failures = [Failure(subject=name.split("_")[0][4:], scan=name, node="(input check)", reason=reason, crash_file="-")
+                        for name, reason in invalid]
     if not scans:
-        raise UsageError(invalid[0][1] if len(invalid) == 1 else f"{bids_dir}: none of the {len(invalid)} scans can be processed")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_dataset_description(output_dir, bids_dir)
+        if len(invalid) > 1:
+            print(format_failures(invalid_failures), file=sys.stderr)
+            raise UsageError(f"none of the {len(invalid)} scans can be processed (table above); first: {invalid[0][1]}")
+        raise UsageError(invalid[0][1])
     work_dir = Path(work_dir or output_dir / ".work").absolute()
+    check_writable_dir(work_dir, "work directory")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_dataset_description(output_dir, bids_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{error.filename or output_dir}: cannot write ({error.strerror or error})") from None
     LOGGER.info("%d scan(s) of %d participant(s); preset %s; work directory %s",
                 len(scans), len({s.subject for s in scans}), config["preset"], work_dir)
+    removed = _remove_stale_temporaries(output_dir, scans)
+    if removed:
+        LOGGER.info("removed %d temporary file(s) left by an interrupted run", removed)
+
     workflow = init_participant_wf(scans, config, output_dir)
-    plugin, plugin_args = plugin_settings(config)
-    failures = run_workflow(workflow, work_dir, plugin=plugin, plugin_args=plugin_args, debug=debug)
-    names = {f"{s.node_name}_{s.suffix}": f"{s.name}_{s.suffix}" for s in scans}
-    for failure in failures:
-        failure.scan = names.get(failure.scan, failure.scan)
-    failed_scans = {f.scan for f in failures}
-    done = len(scans) - len(failed_scans)
-    if failures or invalid:
-        lines = [f"{done} of {len(scans) + len(invalid)} scan(s) finished; {len(failed_scans) + len(invalid)} failed:"]
+    node_names = workflow.list_node_names()
+    scan_nodes = {}
+    for name in node_names:
+        subject_wf, scan_wf, node = name.split(".", 2)
+        scan_nodes.setdefault(f"{subject_wf}.{scan_wf}", []).append(node)
+    record_scans(work_dir, output_dir, [
+        {
+            "name": _display_name(scan),
+            "subject": scan.subject,
+            "workflow": f"{workflow.name}/{subject_workflow_name(scan.subject)}/{_scan_workflow(scan)}",
+            "nodes": sorted(scan_nodes.get(f"{subject_workflow_name(scan.subject)}.{_scan_workflow(scan)}", [])),
+            "chimap": str(derivative_path(output_dir, {k: v for k, v in scan.entities.items() if v is not None}, "Chimap")
+                          .relative_to(output_dir)),
+        }
+        for scan in scans
+    ] + [{"name": name, "subject": name.split("_")[0][4:], "invalid": reason} for name, reason in invalid])
+
+    restore_environment = []
+    if plugin == "MultiProc":
+        # nipype polls its workers every 2 s by default, which dominates short nodes. A
+        # scheduler plugin polls squeue/qstat instead, so it keeps nipype's default.
+        plugin_args.setdefault("poll_sleep_duration", 0.1)
+        workflow.config["execution"]["poll_sleep_duration"] = plugin_args["poll_sleep_duration"]
+        _children_die_with_their_parent()
+        # Nodes declare one process each but scipy.fft would use every core in each of them;
+        # with N nodes at once, give each node its share of the cores (unless set by the user).
+        if plugin_args.get("n_procs", 1) > 1 and "QSMFLOW_FFT_WORKERS" not in os.environ:
+            fft_threads = str(max(1, (os.cpu_count() or 1) // int(plugin_args["n_procs"])))
+            os.environ["QSMFLOW_FFT_WORKERS"] = fft_threads
+            restore_environment.append("QSMFLOW_FFT_WORKERS")
+    if plugin.endswith("Graph") and progress != "off":
+        LOGGER.info("%s submits the whole graph at once and reports no progress; use 'qsmflow status %s %s'",
+                    plugin, work_dir, output_dir)
+        progress = "off"
+    tracker = RunProgress(
+        node_names, top_name=workflow.name, mode=progress,
+        subject_labels={subject_workflow_name(s.subject): f"sub-{s.subject}" for s in scans},
+        scan_labels={f"{subject_workflow_name(s.subject)}.{_scan_workflow(s)}": _display_name(s) for s in scans},
+    )
+    run_record = start_run_record(work_dir, ["qsmflow"] + sys.argv[1:])
+    exit_code = 130
+    try:
+        with _NipypeLogFile(work_dir) as nipype_log:
+            # MultiProc calls gc.collect() before every submission; with pybids and nipype
+            # loaded a full collection takes ~0.15 s. Objects alive now (modules, the graph)
+            # are left out of collections during the run, which then take milliseconds.
+            gc.freeze()
+            try:
+                failures = run_workflow(workflow, work_dir, plugin=plugin, plugin_args=plugin_args, debug=debug,
+                                        status_callback=None if progress == "off" else tracker)
+            finally:
+                gc.unfreeze()
+                tracker.close()
+        names = {f"{s.node_name}_{s.suffix}": _display_name(s) for s in scans}
+        for failure in failures:
+            failure.scan = names.get(failure.scan, failure.scan)
+        failures = sorted(failures, key=lambda f: (f.scan, f.node)) + invalid_failures
+        failed_scans = {f.scan for f in failures}
+        done = len(scans) + len(invalid) - len(failed_scans)
         if failures:
-            lines.append(format_failures(failures))
-        lines += [f"{name}: not started: {reason}" for name, reason in invalid]
-        print("\n".join(lines), file=sys.stderr)
-        return 1
-    LOGGER.info("all %d scan(s) finished; derivatives in %s", len(scans), output_dir)
-    return 0
+            lines = [f"{done} of {len(scans) + len(invalid)} scan(s) finished; {len(failed_scans)} failed "
+                     f"(tracebacks in the crash files; nipype's log: {nipype_log.path}):",
+                     format_failures(failures)]
+            first = failures[0]
+            if len(failures) == 1:
+                lines.append(f"qsmflow: error: {_one_line(first)} (scan {first.scan}, step {first.node})")
+            else:
+                lines.append(f"qsmflow: error: {len(failed_scans)} of {len(scans) + len(invalid)} scans failed (table above); "
+                             f"first: {_one_line(first)} (scan {first.scan}, step {first.node})")
+            print("\n".join(lines), file=sys.stderr)
+            exit_code = 1
+        else:
+            LOGGER.info("all %d scan(s) finished; derivatives in %s", len(scans), output_dir)
+            exit_code = 0
+        return exit_code
+    except Exception:
+        exit_code = 1
+        raise
+    finally:
+        end_run_record(run_record, exit_code)
+        for name in restore_environment:
+            os.environ.pop(name, None)
 
 
-def run_demo(output_dir: Path, *, subjects: int, config: dict, work_dir: Path | None = None, debug: bool = False) -> int:
+def run_demo(output_dir: Path, *, subjects: int, config: dict, work_dir: Path | None = None, debug: bool = False,
+             progress: str = "auto") -> int:
     """Simulate a cohort in ``output_dir/bids``, reconstruct it, and score it against the truth."""
     from . import simulate
     from .reports import demo_accuracy_table
@@ -133,7 +352,8 @@ def run_demo(output_dir: Path, *, subjects: int, config: dict, work_dir: Path | 
     if not (bids_dir / "dataset_description.json").exists():
         LOGGER.info("simulating %d subjects in %s", subjects, bids_dir)
         simulate.write_bids_dataset(bids_dir, simulate.default_demo_cohort(subjects))
-    code = run_participant(bids_dir, derivatives, config=config, work_dir=work_dir or output_dir / "work", debug=debug)
+    code = run_participant(bids_dir, derivatives, config=config, work_dir=work_dir or output_dir / "work", debug=debug,
+                           progress=progress)
     table = demo_accuracy_table(bids_dir, derivatives)
     (output_dir / "demo_accuracy.tsv").write_text(table)
     print(table, end="")
@@ -142,16 +362,23 @@ def run_demo(output_dir: Path, *, subjects: int, config: dict, work_dir: Path | 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    demo = bool(argv) and argv[0] == "demo"
+    command = argv[0] if argv and argv[0] in ("demo", "status") else None
+    if command == "status":
+        from .status import main_status
+
+        args = build_status_parser().parse_args(argv[1:])
+        return main_status(args.work_dir, args.output_dir)
+    demo = command == "demo"
     parser = build_demo_parser() if demo else build_parser()
     args = parser.parse_args(argv[1:] if demo else argv)
     _setup_logging(args.debug)
     try:
         config = _load_config(args)
         if demo:
-            return run_demo(args.output_dir, subjects=args.subjects, config=config, work_dir=args.work_dir, debug=args.debug)
+            return run_demo(args.output_dir, subjects=args.subjects, config=config, work_dir=args.work_dir, debug=args.debug,
+                            progress=args.progress)
         return run_participant(args.bids_dir, args.output_dir, participant_labels=args.participant_label,
-                               config=config, work_dir=args.work_dir, debug=args.debug)
+                               config=config, work_dir=args.work_dir, debug=args.debug, progress=args.progress)
     except KeyboardInterrupt:
         print("qsmflow: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -74,14 +74,29 @@ class LoadEchoes(SimpleInterface):
                     f"{path}: phase values span {found['minimum']:.4g}..{found['maximum']:.4g}, "
                     f"not {self.inputs.phase_units} as configured"
                 )
+            if detected and found["units"] != detected[0]["units"]:
+                raise ValueError(
+                    f"{path}: phase in {found['units']} units, but {self.inputs.phase_files[0]} is in "
+                    f"{detected[0]['units']} units; all echoes of a scan must use the same"
+                )
             detected.append(found)
-            phases.append(units.phase_to_radians(data, found))
+            phases.append(data)
+        if detected[0]["units"] == "integer":
+            # One integer range for all echoes, from their joint extremes: an echo whose phase
+            # happens to span less than the scanner's range must not be scaled differently.
+            extremes = np.array([min(d["minimum"] for d in detected), max(d["maximum"] for d in detected)], np.float32)
+            joint_range = units.detect_phase_units(extremes)["integer_range"]
+            detected = [{**found, "integer_range": joint_range} for found in detected]
+        for index, found in enumerate(detected):
+            phases[index] = units.phase_to_radians(phases[index], found)
         report = {
             "PhaseUnits": detected[0]["units"],
             "PhaseRange": [min(d["minimum"] for d in detected), max(d["maximum"] for d in detected)],
         }
         if detected[0]["units"] == "integer":
-            report["PhaseRescaling"] = f"integers {detected[0]['integer_range']} mapped linearly onto [-pi, pi)"
+            low, high = (float(v) for v in detected[0]["integer_range"])
+            report["PhaseIntegerRange"] = [low, high]
+            report["PhaseRescaling"] = f"scanner integers {low:g}..{high:g} mapped linearly onto [-pi, pi) radians"
         self._results["magnitude"] = save_like(np.stack(magnitudes, axis=-1), reference, "magnitude.nii")
         self._results["phase"] = save_like(np.stack(phases, axis=-1), reference, "phase.nii")
         self._results["provenance"] = report
