@@ -103,6 +103,8 @@ def run_workflow(workflow, work_dir, *, plugin: str = "MultiProc", plugin_args: 
     try:
         if plugin in CLUSTER_PLUGINS:
             workflow.run(plugin=make_plugin(plugin, plugin_args))
+        elif plugin == "MultiProc":
+            workflow.run(plugin=_resilient_multiproc_plugin()(plugin_args=plugin_args))
         else:
             workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as error:
@@ -111,6 +113,46 @@ def run_workflow(workflow, work_dir, *, plugin: str = "MultiProc", plugin_args: 
             raise RuntimeError(f"the workflow failed without a crash file: {error}") from None
         return failures
     return []
+
+
+def _resilient_multiproc_plugin():
+    """nipype's MultiProc plugin, made to survive a worker process that dies.
+
+    When a worker is killed (e.g. by the kernel's out-of-memory killer), nipype's MultiProc
+    loses the nodes that pool was running and waits for them forever. Here each lost node
+    becomes a failure with a readable reason (and a crash file), the pool is rebuilt, and the
+    rest of the cohort goes on.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializer, run_node
+
+    class ResilientMultiProcPlugin(MultiProcPlugin):
+        def _submit_job(self, node, updatehash=False):
+            if getattr(self, "_pool_broken", False):
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = ProcessPoolExecutor(max_workers=self.processors, initializer=process_initializer,
+                                                initargs=(self._cwd,))
+                self._pool_broken = False
+            self._taskid += 1
+            if getattr(node.interface, "terminal_output", "") == "stream":
+                node.interface.terminal_output = "allatonce"
+            future = self.pool.submit(run_node, node, updatehash, self._taskid)
+            future.add_done_callback(partial(self._collect, self._taskid, node.fullname))
+            self._task_obj[self._taskid] = future
+            return self._taskid
+
+        def _collect(self, taskid, name, future):
+            try:
+                self._taskresult[taskid] = future.result()
+            except Exception as error:  # BrokenProcessPool: the worker died without a result
+                self._pool_broken = True
+                reason = (f"WorkerDiedError: the process running {name} died without a result "
+                          f"({type(error).__name__}; often the out-of-memory killer); rerun to retry\n")
+                self._taskresult[taskid] = {"result": None, "traceback": [reason], "taskid": taskid}
+
+    return ResilientMultiProcPlugin
 
 
 def read_crash_files(crash_dir) -> list[Failure]:
