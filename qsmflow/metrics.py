@@ -44,12 +44,14 @@ def xsim(estimate, truth, mask) -> float:
 
     SSIM (Wang et al., IEEE TIP 2004) with K1 = 0.01, K2 = 0.001 and data range 1 ppm, as
     proposed for QSM by Milovic et al., MRM 2024 ("XSIM: a structural similarity index measure
-    optimized for MRI QSM"), averaged over the mask.
+    optimized for MRI QSM"), averaged over the mask. Both maps are demeaned inside the mask first,
+    as for :func:`nrmse`, since susceptibility is only defined up to a reference.
     """
     from skimage.metrics import structural_similarity
 
     mask = np.asarray(mask, dtype=bool)
-    x, y = (np.where(mask, np.asarray(a, dtype=np.float64), 0.0) for a in (estimate, truth))
+    x, y = (np.where(mask, np.asarray(a, dtype=np.float64) - np.asarray(a, dtype=np.float64)[mask].mean(), 0.0)
+            for a in (estimate, truth))
     _, ssim_map = structural_similarity(x, y, data_range=1.0, K1=0.01, K2=0.001, gaussian_weights=True,
                                         sigma=1.5, use_sample_covariance=False, full=True)
     return float(ssim_map[mask].mean())
