@@ -18,13 +18,13 @@ from qsmflow.interfaces.recon import (
     UnwrapPhase,
 )
 
-#: Peak memory of each node as a multiple of one float32 copy of the 3-D volume, measured on
-#: 164x205x205 (see tests/benchmarks); per echo for the multi-echo stages.
-_MEMORY_PER_VOLUME = {"load": 6, "mask": 8, "unwrap": 14, "echoes": 10, "r2star": 6, "background": 40, "inversion": 40, "reference": 4}
+#: Peak memory of each node as a multiple of one float32 copy of the 3-D volume (per echo for the
+#: stages that hold every echo), from peak RSS measured on 180x216x180 by tests/benchmarks/cohort.py.
+_MEMORY_PER_VOLUME = {"load": 6, "mask": 6, "unwrap": 14, "echoes": 10, "r2star": 7, "background": 40, "inversion": 40, "reference": 4}
 
 
 def _memory_gb(stage: str, voxels: int, echoes: int) -> float:
-    per_echo = stage in {"load", "unwrap", "echoes", "r2star"}
+    per_echo = stage in {"load", "mask", "unwrap", "echoes", "r2star"}
     volumes = _MEMORY_PER_VOLUME[stage] * (echoes if per_echo else 1)
     return round(max(0.25, volumes * voxels * 4 / 1024**3), 2)
 
