@@ -13,31 +13,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.ndimage as ndi
 
-from qsmflow.recon.dipole import (dipole_kernel, irfftn, laplacian_kernel, pad_to_fast_shape, rfftn, sphere_kernel,
+from qsmflow.recon.dipole import (MaskGrid, dipole_kernel, irfftn, laplacian_kernel, rfftn, sphere_kernel,
                                   validated_field_inputs)
-
-
-class _MaskBox:
-    """The mask's bounding box plus a zero margin, padded to FFT-friendly sizes.
-
-    Every method works on this smaller grid and :meth:`restore` puts results back.
-    """
-
-    def __init__(self, mask, margin_voxels):
-        occupied = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-        self.shape = mask.shape
-        self.box = tuple(slice(int(index[0]), int(index[-1]) + 1) for index in occupied)
-        self.margin = margin_voxels
-        self.inside, self.crop = pad_to_fast_shape(mask[self.box], margin_voxels)
-
-    def extract(self, array):
-        """``array`` (float32) on the padded box grid."""
-        return pad_to_fast_shape(np.asarray(array[self.box], dtype=np.float32), self.margin)[0]
-
-    def restore(self, array):
-        full = np.zeros(self.shape, dtype=array.dtype)
-        full[self.box] = array[self.crop]
-        return full
 
 
 def _margin_voxels(radius_mm, voxel_size):
@@ -112,17 +89,17 @@ def sharp(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), radius
     field, mask, voxel_size, _ = validated_field_inputs(total_field, mask, voxel_size, b0_direction, "total_field")
     _check_radius(radius_mm, voxel_size)
     _check_threshold(threshold)
-    box = _MaskBox(mask, _margin_voxels(radius_mm, voxel_size))
-    field = box.extract(field)
+    grid = MaskGrid(mask, _margin_voxels(radius_mm, voxel_size))
+    field = grid.extract(field)
     shape = field.shape
     sphere = sphere_kernel(shape, voxel_size, radius_mm)
-    eroded = _smv_erode(rfftn(box.inside.astype(np.float32)), sphere, shape, voxel_size, radius_mm)
+    eroded = _smv_erode(rfftn(grid.inside.astype(np.float32)), sphere, shape, voxel_size, radius_mm)
     high_pass = 1.0 - sphere
     filtered = irfftn(rfftn(field) * high_pass, shape)
     filtered *= eroded
     local = _deconvolve_smv(filtered, high_pass, threshold)
     local *= eroded
-    return box.restore(local.astype(np.float32)), box.restore(eroded)
+    return grid.restore(local.astype(np.float32)), grid.restore(eroded)
 
 
 def default_vsharp_radii(voxel_size, largest_mm=12.0):
@@ -165,11 +142,11 @@ def vsharp(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), radii
     for radius in radii:
         _check_radius(radius, voxel_size)
     _check_threshold(threshold)
-    box = _MaskBox(mask, _margin_voxels(radii[0], voxel_size))
-    field = box.extract(field)
+    grid = MaskGrid(mask, _margin_voxels(radii[0], voxel_size))
+    field = grid.extract(field)
     shape = field.shape
     field_spectrum = rfftn(field)
-    mask_spectrum = rfftn(box.inside.astype(np.float32))
+    mask_spectrum = rfftn(grid.inside.astype(np.float32))
     combined = np.zeros(shape, np.float32)
     valid = np.zeros(shape, bool)
     largest_high_pass = None
@@ -187,7 +164,7 @@ def vsharp(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), radii
         raise ValueError("no voxel is valid for any V-SHARP radius: the mask is too small for the radii")
     local = _deconvolve_smv(combined, largest_high_pass, threshold)
     local *= valid
-    return box.restore(local.astype(np.float32)), box.restore(valid)
+    return grid.restore(local.astype(np.float32)), grid.restore(valid)
 
 
 def _conjugate_gradient(apply, rhs, *, tolerance, iterations, precondition=None):
@@ -267,9 +244,9 @@ def pdf(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), padding=
         if not np.all(np.isfinite(weight[mask])) or np.any(weight[mask] < 0) or not weight[mask].any():
             raise ValueError("weight must be finite, non-negative and not all zero inside the mask")
         weight_squared = np.where(mask, (weight / weight[mask].mean()) ** 2, 0).astype(np.float32)
-    box = _MaskBox(mask, int(padding))
-    field, weight_squared = box.extract(field), box.extract(weight_squared)
-    outside = (~box.inside).astype(np.float32)  # the margin too: sources may lie anywhere outside the mask
+    grid = MaskGrid(mask, int(padding))
+    field, weight_squared = grid.extract(field), grid.extract(weight_squared)
+    outside = (~grid.inside).astype(np.float32)  # the margin too: sources may lie anywhere outside the mask
     shape = field.shape
     kernel = dipole_kernel(shape, voxel_size, b0_direction)
 
@@ -287,8 +264,8 @@ def pdf(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), padding=
     rhs *= outside
     sources = _conjugate_gradient(normal_operator, rhs, tolerance=tolerance, iterations=iterations)
     local = field - dipole_field(sources)
-    local *= box.inside
-    return box.restore(local.astype(np.float32)), mask.copy()
+    local *= grid.inside
+    return grid.restore(local.astype(np.float32)), mask.copy()
 
 
 def _apply_laplacian(values, inverse_squares, out):
@@ -334,10 +311,10 @@ def lbv(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), toleranc
     _check_solver(tolerance, iterations)
     if int(peel) != peel or peel < 0:
         raise ValueError(f"peel must be a non-negative integer, got {peel!r}")
-    box = _MaskBox(mask, 2)
-    field = box.extract(field)
+    grid = MaskGrid(mask, 2)
+    field = grid.extract(field)
     shape = field.shape
-    interior = ndi.binary_erosion(box.inside, ndi.generate_binary_structure(3, 1))
+    interior = ndi.binary_erosion(grid.inside, ndi.generate_binary_structure(3, 1))
     if not interior.any():
         raise ValueError("the mask has no interior voxel (every voxel touches its boundary)")
     inverse_squares = [1.0 / d**2 for d in voxel_size]
@@ -365,7 +342,7 @@ def lbv(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), toleranc
     if peel:
         reduced = ndi.binary_erosion(interior, ndi.generate_binary_structure(3, 1), iterations=int(peel))
     local *= reduced
-    return box.restore(local.astype(np.float32)), box.restore(reduced)
+    return grid.restore(local.astype(np.float32)), grid.restore(reduced)
 
 
 BACKGROUND_METHODS = {

@@ -239,3 +239,52 @@ def validated_field_inputs(field, mask, voxel_size, b0_direction=(0.0, 0.0, 1.0)
     if not np.all(np.isfinite(field)):
         raise ValueError(f"{name} has non-finite values inside the mask")
     return field, mask, tuple(float(s) for s in sizes), tuple(float(c) for c in direction / np.linalg.norm(direction))
+
+
+def mask_bounding_box(mask: np.ndarray) -> tuple:
+    """Slices of the smallest box holding every True voxel of a non-empty 3-D mask."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        raise ValueError("mask is empty")
+    bounds = []
+    for axis in range(mask.ndim):
+        occupied = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        bounds.append(slice(int(occupied[0]), int(occupied[-1]) + 1))
+    return tuple(bounds)
+
+
+class MaskGrid:
+    """Computation grid of a masked volume: the mask's bounding box plus a zero margin.
+
+    Fields are only known inside the mask, so FFT-based methods can work on the box around it,
+    padded by ``margin`` voxels per side (int or 3 ints) to FFT-friendly sizes with
+    :func:`pad_to_fast_shape`; :meth:`restore` puts a result back on the full grid.
+
+    Attributes
+    ----------
+    box : tuple of slices
+        The mask's bounding box in the full grid.
+    inside : bool array
+        The mask on the padded grid.
+    crop : tuple of slices
+        The box within the padded grid.
+    shape : tuple of ints
+        The padded grid's shape.
+    """
+
+    def __init__(self, mask: np.ndarray, margin=0):
+        self.full_shape = mask.shape
+        self.box = mask_bounding_box(mask)
+        self.margin = margin
+        self.inside, self.crop = pad_to_fast_shape(np.asarray(mask, dtype=bool)[self.box], margin)
+        self.shape = self.inside.shape
+
+    def extract(self, array: np.ndarray) -> np.ndarray:
+        """``array`` (full grid) as float32 on the padded grid."""
+        return pad_to_fast_shape(np.asarray(array[self.box], dtype=np.float32), self.margin)[0]
+
+    def restore(self, array: np.ndarray) -> np.ndarray:
+        """``array`` (padded grid) on the full grid, zero outside the box."""
+        full = np.zeros(self.full_shape, dtype=array.dtype)
+        full[self.box] = array[self.crop]
+        return full
