@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qsmflow.recon.dipole import (b0_direction_from_affine, dipole_kernel, forward_field, pad_to_fast_shape,
-                                  validated_field_inputs, voxel_sizes_from_affine)
+from qsmflow.recon.dipole import (MaskGrid, b0_direction_from_affine, dipole_kernel, forward_field,
+                                  mask_bounding_box, pad_to_fast_shape, validated_field_inputs, voxel_sizes_from_affine)
 
 
 def rotation_about_x(degrees):
@@ -114,6 +114,23 @@ def test_pad_to_fast_shape_round_trips():
     assert padded.sum() == array.sum()
     with pytest.raises(ValueError):
         pad_to_fast_shape(array, -1)
+
+
+def test_mask_grid_crops_to_the_mask_and_restores():
+    mask = np.zeros((20, 30, 25), bool)
+    mask[3:9, 10:21, 5:6] = True
+    mask[7, 12, 20] = True
+    assert mask_bounding_box(mask) == (slice(3, 9), slice(10, 21), slice(5, 21))
+    grid = MaskGrid(mask, margin=4)
+    assert all(n >= size + 8 for n, size in zip(grid.shape, (6, 11, 16)))
+    np.testing.assert_array_equal(grid.inside[grid.crop], mask[grid.box])
+    assert grid.inside.sum() == mask.sum()
+    values = np.arange(mask.size, dtype=np.float32).reshape(mask.shape)
+    restored = grid.restore(grid.extract(values))
+    np.testing.assert_array_equal(restored[grid.box], values[grid.box])
+    assert not restored[:3].any() and not restored[9:].any()
+    with pytest.raises(ValueError):
+        mask_bounding_box(np.zeros((3, 3, 3), bool))
 
 
 def test_validated_field_inputs_rejects_bad_arguments():
