@@ -1,14 +1,12 @@
 """Run nipype workflows, and turn their crashes into a readable summary."""
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-LOGGER = logging.getLogger("qsmflow")
 _ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception)):\s*(.+)$")
 
 
