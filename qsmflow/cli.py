@@ -344,7 +344,7 @@ def run_demo(output_dir: Path, *, subjects: int, config: dict, work_dir: Path | 
              progress: str = "auto") -> int:
     """Simulate a cohort in ``output_dir/bids``, reconstruct it, and score it against the truth."""
     from . import simulate
-    from .reports import demo_accuracy_table
+    from .reports.accuracy import demo_accuracy_table
 
     output_dir = Path(output_dir).absolute()
     bids_dir = output_dir / "bids"

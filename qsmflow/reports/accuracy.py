@@ -6,7 +6,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from . import metrics
+from .. import metrics
 
 
 def demo_accuracy_table(bids_dir, derivatives_dir) -> str:

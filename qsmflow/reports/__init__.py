@@ -1,0 +1,1 @@
+"""Figures and HTML reports: per subject (participant level), per group and for the atlas."""
