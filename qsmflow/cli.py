@@ -225,6 +225,7 @@ def run_participant(bids_dir: Path, output_dir: Path, *, participant_labels=(), 
     from .bids import check_output_dir, check_writable_dir, collect_scans, derivative_path, write_dataset_description
     from .execution import Failure, format_failures, plugin_settings, run_workflow
     from .progress import RunProgress
+    from .resources import available_cpus
     from .status import end_run_record, record_scans, start_run_record
     from .workflows.base import init_participant_wf, subject_workflow_name
 
@@ -283,7 +284,7 @@ def run_participant(bids_dir: Path, output_dir: Path, *, participant_labels=(), 
         # Nodes declare one process each but scipy.fft would use every core in each of them;
         # with N nodes at once, give each node its share of the cores (unless set by the user).
         if plugin_args.get("n_procs", 1) > 1 and "QSMFLOW_FFT_WORKERS" not in os.environ:
-            fft_threads = str(max(1, (os.cpu_count() or 1) // int(plugin_args["n_procs"])))
+            fft_threads = str(max(1, available_cpus() // int(plugin_args["n_procs"])))
             os.environ["QSMFLOW_FFT_WORKERS"] = fft_threads
             restore_environment.append("QSMFLOW_FFT_WORKERS")
     if plugin.endswith("Graph") and progress != "off":

@@ -59,6 +59,7 @@ def plugin_settings(config: dict) -> tuple[str, dict]:
     """
     from .cluster import CLUSTER_PLUGINS, ClusterSettings
     from .config import ConfigError
+    from .resources import available_cpus
 
     execution = config["execution"]
     plugin = execution["plugin"]
@@ -67,7 +68,7 @@ def plugin_settings(config: dict) -> tuple[str, dict]:
         raise ConfigError(f"configuration key 'execution.plugin': {plugin!r} is not a nipype plugin (known: {', '.join(known)})")
     plugin_args = dict(execution["plugin_args"] or {})
     if plugin == "MultiProc":
-        plugin_args.setdefault("n_procs", execution["nprocs"] or os.cpu_count() or 1)
+        plugin_args.setdefault("n_procs", execution["nprocs"] or available_cpus())
         if execution["mem_gb"]:
             plugin_args.setdefault("memory_gb", execution["mem_gb"])
         plugin_args.setdefault("raise_insufficient", False)

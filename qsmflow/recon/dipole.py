@@ -5,7 +5,6 @@ worker count and float32 policy are set in one place.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import scipy.fft
@@ -15,9 +14,11 @@ GYROMAGNETIC_RATIO_MHZ_PER_T = 42.577478518
 
 
 def fft_workers() -> int:
-    """Number of threads for ``scipy.fft`` (``QSMFLOW_FFT_WORKERS`` or all cores)."""
-    value = os.environ.get("QSMFLOW_FFT_WORKERS")
-    return int(value) if value else (os.cpu_count() or 1)
+    """Number of threads for ``scipy.fft``: ``QSMFLOW_FFT_WORKERS``, else the CPUs this process
+    may use (:func:`qsmflow.resources.thread_count`)."""
+    from qsmflow.resources import thread_count
+
+    return thread_count()
 
 
 def rfftn(array: np.ndarray) -> np.ndarray:
