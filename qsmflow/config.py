@@ -2,18 +2,54 @@
 
 A configuration is a nested mapping. The reference is ``configs/default.yaml``: every key a
 user may set appears there. Presets (``fast``, ``accurate``, ...) and user files only override
-it, and ``--set section.key=value`` overrides those. Algorithm parameters are validated
-against the keyword arguments of the function the registry names, so the defaults of an
-algorithm live in exactly one place: its signature.
+it, and ``--set section.key=value`` overrides those. The merged configuration is validated as a
+whole, before any work starts, against a JSON schema (:func:`config_schema`, checked with the
+``jsonschema`` library); every problem is reported at once, each naming the key, the value,
+where it came from and the values allowed.
+
+Why a schema built from the default and the signatures rather than a hand-written schema file
+or typed signatures alone: the defaults of an algorithm live in exactly one place (its
+signature) and the keys of the pipeline in one file (``configs/default.yaml``); the schema is
+derived from both, so neither can drift from it, and a single table (:data:`RULES`) adds what
+neither can say (ranges and choices). A schema library, unlike ad-hoc checks, treats every
+key the same way and reports all errors with their paths.
+
+How a key gets its type and range (read this when you add a section or a parameter)
+------------------------------------------------------------------------------------
+- **Type from the default.** A key of ``configs/default.yaml`` is checked against the type of
+  its default: ``true``/``false`` -> boolean, ``3`` -> whole number (write ``3.0`` if fractions
+  are allowed), ``3.0`` -> number, ``"text"`` -> string, ``[1, 2]`` -> list (of numbers, if the
+  default's items are numbers), a non-empty mapping -> a mapping with exactly those keys, ``{}``
+  -> any mapping. A new section (``registration:``, ``atlas:`` ...) is checked this way with no
+  code at all. A key whose default is ``null`` accepts anything until it has a rule.
+- **Ranges and choices: one entry in** :data:`RULES`, keyed by the dotted key, e.g.
+  ``"registration.iterations": whole(1)``, ``"atlas.method": choice("syn", "affine")``,
+  ``"group.bootstrap": nullable(whole(100))``. A rule replaces the type from the default. The
+  helpers :func:`number`, :func:`positive`, :func:`fraction`, :func:`whole`, :func:`choice`,
+  :func:`nullable`, :func:`list_of`, :func:`string`, :func:`either` build them, and
+  :func:`describe` turns every rule into the "expected ..." text of the error message.
+- **Algorithm parameters** (sections listed in :data:`ALGORITHM_STAGES`: ``mask``, ``unwrap``,
+  ``echoes``, ``background``, ``inversion``): ``stage.method`` must name a function of the
+  stage's registry, and ``stage.<method>.<parameter>`` must be a keyword parameter of that
+  function, typed by its signature's default (or annotation) and ranged by
+  ``RULES["stage.method.parameter"]`` (``"stage.*.parameter"`` applies to every method of the
+  stage). ``tests/test_config.py`` fails when a numeric or optional parameter of a registry
+  function has no rule, so a new algorithm comes with its ranges. Parameters the pipeline
+  fills itself (arrays such as ``weight``) are marked :data:`NOT_SETTABLE`.
+- **Scientific notation.** YAML 1.1 (PyYAML) reads ``2e-4`` as a string; files and ``--set``
+  values are read with :func:`load_yaml`, which reads it as a number.
 """
 from __future__ import annotations
 
 import copy
 import importlib
 import inspect
+import math
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
+import jsonschema
 import yaml
 
 
@@ -33,15 +69,200 @@ ALGORITHM_STAGES = {
 #: Methods that are not functions of a registry but are handled by the pipeline itself.
 PIPELINE_METHODS = {"mask": {"file"}}
 
-#: Keys whose value must be one of a fixed set.
-CHOICES = {
-    ("input", "phase_units"): {"auto", "radians", "integer"},
-    ("reference", "method"): {"mean", "none"},
-    ("r2star", "method"): {"loglinear", "arlo"},
-}
-
 #: Number of leading positional arguments of each stage's functions (the data arrays).
 _DATA_ARGUMENTS = {"mask": 1, "unwrap": 1, "echoes": 3, "background": 3, "inversion": 3}
+
+#: Keyword arguments the pipeline passes to every function of a stage (never set by users).
+_PIPELINE_ARGUMENTS = {"mask", "voxel_size", "b0_direction"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule builders: JSON-schema fragments.
+def number(minimum: float | None = None, maximum: float | None = None, *, exclusive_minimum: bool = False,
+           exclusive_maximum: bool = False) -> dict:
+    """A real number, optionally bounded (inclusive unless said otherwise)."""
+    rule: dict = {"type": "number"}
+    if minimum is not None:
+        rule["exclusiveMinimum" if exclusive_minimum else "minimum"] = minimum
+    if maximum is not None:
+        rule["exclusiveMaximum" if exclusive_maximum else "maximum"] = maximum
+    return rule
+
+
+def positive() -> dict:
+    """A number > 0."""
+    return number(0, exclusive_minimum=True)
+
+
+def fraction(maximum: float = 1.0) -> dict:
+    """A number in the open interval (0, maximum)."""
+    return number(0, maximum, exclusive_minimum=True, exclusive_maximum=True)
+
+
+def whole(minimum: int | None = None, maximum: int | None = None) -> dict:
+    """A whole number (``2.0`` counts, ``2.5`` does not), optionally bounded (inclusive)."""
+    rule: dict = {"type": "integer"}
+    if minimum is not None:
+        rule["minimum"] = minimum
+    if maximum is not None:
+        rule["maximum"] = maximum
+    return rule
+
+
+def string() -> dict:
+    return {"type": "string"}
+
+
+def choice(*values) -> dict:
+    """One of the given values."""
+    return {"enum": list(values)}
+
+
+def nullable(rule: dict) -> dict:
+    """``null`` or a value satisfying ``rule``."""
+    return {"anyOf": [{"type": "null"}, rule]}
+
+
+def either(*rules: dict) -> dict:
+    """A value satisfying one of ``rules``."""
+    return {"anyOf": list(rules)}
+
+
+def list_of(rule: dict, *, length: int | None = None, min_items: int = 1) -> dict:
+    """A list whose items satisfy ``rule``: of exactly ``length`` items, or at least ``min_items``."""
+    result: dict = {"type": "array", "items": rule}
+    if length is not None:
+        result["minItems"] = result["maxItems"] = length
+    elif min_items:
+        result["minItems"] = min_items
+    return result
+
+
+#: Marks a function parameter that the pipeline fills (e.g. an array) and a user may not set.
+NOT_SETTABLE = {"not": {}}
+
+_PHASE_UNITS = ("auto", "radians", "radians_0_2pi", "integer_4096", "integer_0_4095", "milliradians", "radians_x10000")
+
+#: Ranges and choices by dotted key (see the module docstring). ``stage.*.parameter`` applies to
+#: every method of an algorithm stage that has that parameter.
+RULES: dict[str, dict] = {
+    # input
+    "input.field_strength": nullable(number(0.1, 20)),
+    "input.b0_direction": nullable(list_of(number(), length=3)),
+    "input.phase_units": choice(*_PHASE_UNITS),
+    "input.phase_sign": choice(1, -1),
+    # pipeline stages
+    "mask.file": nullable(string()),
+    "echoes.outlier_factor": nullable(positive()),
+    "r2star.method": choice("loglinear", "arlo"),
+    "reference.method": choice("mean", "none"),
+    # execution
+    "execution.nprocs": nullable(whole(1)),
+    "execution.mem_gb": nullable(positive()),
+    "execution.cluster.partition": nullable(string()),
+    "execution.cluster.account": nullable(string()),
+    "execution.cluster.time": nullable(string()),
+    "execution.cluster.extra_args": either(string(), list_of(string(), min_items=0)),
+    # algorithm parameters: mask
+    "mask.threshold.threshold": nullable(fraction()),
+    "mask.threshold.erosion_mm": number(0),
+    "mask.threshold.closing_mm": number(0),
+    # unwrap
+    "unwrap.laplacian.max_iterations": whole(0),
+    "unwrap.laplacian.tolerance": positive(),
+    "unwrap.quality.seed": whole(0, 2**32 - 1),
+    # echoes
+    "echoes.complex.iterations": whole(0),
+    "echoes.complex.tolerance_hz": positive(),
+    # background
+    "background.sharp.radius_mm": positive(),
+    "background.*.threshold": fraction(),
+    "background.vsharp.radii_mm": nullable(list_of(positive())),
+    "background.*.tolerance": fraction(),
+    "background.*.iterations": whole(1),
+    "background.pdf.padding": whole(0),
+    "background.pdf.weight": NOT_SETTABLE,
+    "background.lbv.peel": whole(0),
+    # inversion
+    "inversion.tkd.threshold": fraction(2.0 / 3.0),
+    "inversion.*.regularization": positive(),
+    "inversion.*.padding": either(whole(0), list_of(whole(0), length=3)),
+    "inversion.*.iterations": whole(1),
+    "inversion.*.tolerance": number(0),
+    "inversion.tv.penalty": nullable(positive()),
+    "inversion.weighted_tv.gradient_penalty": nullable(positive()),
+    "inversion.weighted_tv.data_penalty": positive(),
+    "inversion.*.data_weight": NOT_SETTABLE,
+    "inversion.*.gradient_weight": NOT_SETTABLE,
+    "inversion.tfi.preconditioner": positive(),
+    "inversion.tfi.cg_iterations": whole(1),
+    "inversion.tfi.epsilon": positive(),
+}
+
+
+def describe(rule: Mapping) -> str:
+    """The values a rule allows, in words (used in error messages)."""
+    if "enum" in rule:
+        return "one of " + ", ".join(_show(v) for v in rule["enum"])
+    if "anyOf" in rule:
+        parts = [describe(r) for r in rule["anyOf"]]
+        return " or ".join(parts)
+    kind = rule.get("type")
+    if isinstance(kind, list):
+        return " or ".join(describe({"type": k}) for k in kind)
+    if kind == "null":
+        return "null"
+    if kind in ("number", "integer"):
+        noun = "a number" if kind == "number" else "a whole number"
+        low = rule.get("minimum", rule.get("exclusiveMinimum"))
+        high = rule.get("maximum", rule.get("exclusiveMaximum"))
+        if low is not None and high is not None:
+            return (f"{noun} in {'(' if 'exclusiveMinimum' in rule else '['}{_show(low)}, "
+                    f"{_show(high)}{')' if 'exclusiveMaximum' in rule else ']'}")
+        if low is not None:
+            return f"{noun} {'>' if 'exclusiveMinimum' in rule else '>='} {_show(low)}"
+        if high is not None:
+            return f"{noun} {'<' if 'exclusiveMaximum' in rule else '<='} {_show(high)}"
+        return noun
+    if kind == "array":
+        items = describe(rule.get("items", {}))
+        items = re.sub(r"^an? ", "", items).replace("number", "numbers").replace("string", "strings")
+        if rule.get("minItems") is not None and rule.get("minItems") == rule.get("maxItems"):
+            return f"a list of {rule['minItems']} {items}"
+        return f"a {'non-empty ' if rule.get('minItems') else ''}list of {items}"
+    if kind == "string":
+        return "a string"
+    if kind == "boolean":
+        return "true or false"
+    if kind == "object":
+        return "a mapping"
+    if rule == NOT_SETTABLE:
+        return "nothing (the pipeline sets it)"
+    return "any value"
+
+
+def _show(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML with scientific notation.
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``2e-4``, ``1E+3`` as floats (as YAML 1.2 does)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str):
+    """Parse YAML text; numbers in scientific notation (``2e-4``) are numbers, not strings."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def presets_dir() -> Path:
@@ -60,7 +281,7 @@ def preset_names() -> list[str]:
 
 def _read_yaml(text: str, source: str) -> dict:
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: not valid YAML ({error})") from None
     if data is None:
@@ -72,7 +293,7 @@ def _read_yaml(text: str, source: str) -> dict:
 
 def _read_preset(name: str) -> dict:
     resource = presets_dir() / f"{name}.yaml"
-    if not resource.is_file() or "/" in name:
+    if not isinstance(name, str) or "/" in name or not resource.is_file():
         raise ConfigError(f"unknown preset '{name}' (available: {', '.join(preset_names())})")
     return _read_yaml(resource.read_text(), f"preset '{name}'")
 
@@ -96,7 +317,7 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
     if not path:
         raise ConfigError(f"--set {assignment!r}: empty key")
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError:
         raise ConfigError(f"--set {assignment!r}: value is not valid YAML") from None
     return path, value
@@ -107,6 +328,14 @@ def _nest(path: list[str], value: Any) -> dict:
     for part in reversed(path):
         nested = {part: nested}
     return nested
+
+
+def _leaf_keys(mapping: Mapping, prefix: str = ""):
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        yield dotted
+        if isinstance(value, Mapping):
+            yield from _leaf_keys(value, dotted + ".")
 
 
 def load_config(config: str | Path | None = None, overrides: list[str] = ()) -> dict:
@@ -124,6 +353,11 @@ def load_config(config: str | Path | None = None, overrides: list[str] = ()) -> 
     -------
     dict
         The merged configuration, with ``preset`` naming what it started from.
+
+    Raises
+    ------
+    ConfigError
+        Naming every invalid key, its value, where it was set and the values allowed.
     """
     reference = _read_preset("default")
     layers: list[tuple[str, dict]] = []
@@ -145,11 +379,13 @@ def load_config(config: str | Path | None = None, overrides: list[str] = ()) -> 
         layers.append((f"--set {assignment}", _nest(path_parts, value)))
 
     merged = copy.deepcopy(reference)
+    sources: dict[str, str] = {}
     for source, layer in layers:
         _check_known_keys(layer, reference, source)
         merged = _deep_merge(merged, layer)
+        sources.update({key: source for key in _leaf_keys(layer)})
+    validate(merged, sources)
     merged["preset"] = preset
-    validate(merged)
     return merged
 
 
@@ -158,7 +394,7 @@ def _check_known_keys(layer: Mapping, reference: Mapping, source: str, prefix: s
         dotted = f"{prefix}{key}"
         if key not in reference:
             if prefix and prefix.rstrip(".").split(".")[0] in ALGORITHM_STAGES and isinstance(value, Mapping):
-                continue  # parameters of a method: checked against its signature in validate()
+                continue  # parameters of a method: checked against its signature by the schema
             known = ", ".join(sorted(map(str, reference)))
             raise ConfigError(f"{source}: unknown configuration key '{dotted}' (known here: {known})")
         if isinstance(value, Mapping) and isinstance(reference[key], Mapping) and reference[key]:
@@ -177,77 +413,178 @@ def method_parameters(config: Mapping, stage: str) -> dict:
     return dict(section.get(section["method"]) or {})
 
 
-def _check_type(key: str, value: Any, default: Any) -> None:
-    if default is None or value is None:
-        return
+# ---------------------------------------------------------------------------------------------
+# The schema.
+def _rule_from_default(default) -> dict:
+    if default is None:
+        return {}
     if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, (int, float)):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif isinstance(default, (list, tuple)):
-        ok = isinstance(value, (list, tuple))
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise ConfigError(f"configuration key '{key}': expected {type(default).__name__}, got {value!r}")
+        return {"type": "boolean"}
+    if isinstance(default, int):
+        return {"type": "integer"}
+    if isinstance(default, float):
+        return {"type": "number"}
+    if isinstance(default, str):
+        return {"type": "string"}
+    if isinstance(default, (list, tuple)):
+        items = [_rule_from_default(item) for item in default]
+        if items and all(item.get("type") in ("number", "integer") for item in items):
+            return {"type": "array", "items": {"type": "number"}}
+        if items and all(item == items[0] for item in items):
+            return {"type": "array", "items": items[0]}
+        return {"type": "array"}
+    if isinstance(default, Mapping):
+        return {"type": "object"}
+    return {}
 
 
-def validate(config: Mapping) -> None:
-    """Raise :class:`ConfigError` naming the first invalid key of ``config``."""
-    reference = _read_preset("default")
-    for section, keys in reference.items():
-        if not isinstance(keys, Mapping):
+_ANNOTATION_TYPES = {"int": {"type": "integer"}, "float": {"type": "number"}, "bool": {"type": "boolean"},
+                     "str": {"type": "string"}}
+
+
+def _rule_for_parameter(key: str, parameter: inspect.Parameter) -> dict | None:
+    stage, method, name = key.split(".")
+    for candidate in (key, f"{stage}.*.{name}"):
+        if candidate in RULES:
+            return RULES[candidate]
+    if parameter.default is not inspect.Parameter.empty and parameter.default is not None:
+        return _rule_from_default(parameter.default)
+    annotation = parameter.annotation
+    annotation = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    return _ANNOTATION_TYPES.get(annotation.replace(" | None", ""))
+
+
+def settable_parameters(stage: str, method: str) -> dict[str, inspect.Parameter]:
+    """The keyword parameters of a registry function that a configuration may set."""
+    function = registry(stage)[method]
+    parameters = list(inspect.signature(function).parameters.values())[_DATA_ARGUMENTS[stage]:]
+    return {p.name: p for p in parameters
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in _PIPELINE_ARGUMENTS
+            and RULES.get(f"{stage}.{method}.{p.name}") is not NOT_SETTABLE
+            and RULES.get(f"{stage}.*.{p.name}") is not NOT_SETTABLE}
+
+
+def _section_schema(reference: Mapping, prefix: str, rules_out: dict) -> dict:
+    properties = {}
+    for key, default in reference.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(default, Mapping) and default and dotted not in RULES:
+            properties[key] = _section_schema(default, dotted + ".", rules_out)
             continue
-        for key, default in keys.items():
-            if isinstance(default, Mapping):
-                continue
-            _check_type(f"{section}.{key}", config[section].get(key), default)
-    for (section, key), allowed in CHOICES.items():
-        value = config[section][key]
-        if value not in allowed:
-            raise ConfigError(f"configuration key '{section}.{key}': {value!r} is not one of {sorted(allowed)}")
+        rule = RULES.get(dotted, _rule_from_default(default))
+        rules_out[dotted] = rule
+        properties[key] = rule
+    return {"type": "object", "properties": properties, "additionalProperties": False}
 
+
+def config_schema() -> tuple[dict, dict[str, dict]]:
+    """The JSON schema of a merged configuration, and the rule of every dotted key in it."""
+    reference = _read_preset("default")
+    rules: dict[str, dict] = {}
+    schema = _section_schema(reference, "", rules)
+    schema["properties"]["preset"] = {"type": "string"}
+    schema["required"] = sorted(reference)
     for stage in ALGORITHM_STAGES:
-        section = config[stage]
-        method = section["method"]
         functions = registry(stage)
-        allowed = sorted(set(functions) | PIPELINE_METHODS.get(stage, set()))
-        if method not in allowed:
-            raise ConfigError(f"configuration key '{stage}.method': {method!r} is not one of {allowed}")
-        for name, parameters in section.items():
-            if name == "method" or not isinstance(parameters, Mapping):
-                continue
-            if name not in functions:
-                if name in PIPELINE_METHODS.get(stage, set()):
-                    continue
-                raise ConfigError(f"configuration key '{stage}.{name}': no such {stage} method (known: {allowed})")
-            signature = inspect.signature(functions[name])
-            accepted = {
-                p.name: p.default
-                for i, p in enumerate(signature.parameters.values())
-                if i >= _DATA_ARGUMENTS[stage] and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-            }
-            for parameter, value in parameters.items():
-                if parameter not in accepted or parameter in {"mask", "voxel_size", "b0_direction"}:
-                    raise ConfigError(
-                        f"configuration key '{stage}.{name}.{parameter}': not a parameter of {name} "
-                        f"(parameters: {', '.join(sorted(set(accepted) - {'mask', 'voxel_size', 'b0_direction'}))})"
-                    )
-                default = accepted[parameter]
-                if default is not inspect.Parameter.empty:
-                    _check_type(f"{stage}.{name}.{parameter}", value, default)
+        section = schema["properties"][stage]
+        methods = sorted(set(functions) | PIPELINE_METHODS.get(stage, set()))
+        section["properties"]["method"] = rules[f"{stage}.method"] = choice(*methods)
+        for method in functions:
+            properties = {}
+            for name, parameter in settable_parameters(stage, method).items():
+                key = f"{stage}.{method}.{name}"
+                rule = _rule_for_parameter(key, parameter) or {}
+                properties[name] = rules[key] = rule
+            section["properties"][method] = rules[f"{stage}.{method}"] = {
+                "type": ["null", "object"], "properties": properties, "additionalProperties": False}
+    return schema, rules
 
+
+def _value_at(config: Mapping, path) -> Any:
+    value: Any = config
+    for part in path:
+        value = value[part]
+    return value
+
+
+def _source_of(key: str, sources: Mapping[str, str]) -> str:
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        source = sources.get(".".join(parts[:end]))
+        if source:
+            return source
+    return "configs/default.yaml"
+
+
+def _message(error: jsonschema.ValidationError, config: Mapping, rules: Mapping, sources: Mapping) -> str:
+    path = [str(part) for part in error.absolute_path if isinstance(part, str)]
+    key = ".".join(path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+        allowed = sorted(error.schema.get("properties", {}))
+        unexpected = sorted(set(error.instance) - set(allowed))
+        dotted = f"{key}.{unexpected[0]}" if key else unexpected[0]
+        if len(path) == 2 and path[0] in ALGORITHM_STAGES:
+            return (f"configuration key '{dotted}' (from {_source_of(dotted, sources)}): not a parameter of "
+                    f"{path[1]} (parameters: {', '.join(allowed) or 'none'})")
+        return f"configuration key '{dotted}' (from {_source_of(dotted, sources)}): unknown (known here: {', '.join(allowed)})"
+    while key and key not in rules and "." in key:
+        key = key.rsplit(".", 1)[0]
+    rule = rules.get(key, error.schema)
+    value = _value_at(config, key.split(".")) if key else error.instance
+    return (f"configuration key '{key}' (from {_source_of(key, sources)}): {value!r} is not allowed; "
+            f"expected {describe(rule)}")
+
+
+def validate(config: Mapping, sources: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`ConfigError` listing every invalid key of a merged ``config``.
+
+    ``sources`` maps dotted keys to where they were set (a preset, a file, ``--set``), for the
+    messages.
+    """
+    sources = sources or {}
+    schema, rules = config_schema()
+    validator = jsonschema.Draft7Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
+    messages = list(dict.fromkeys(_message(error, config, rules, sources) for error in errors))
+    messages += _cross_checks(config, sources) if not messages else []
+    if messages:
+        if len(messages) == 1:
+            raise ConfigError(messages[0])
+        raise ConfigError(f"{len(messages)} configuration errors:\n  " + "\n  ".join(messages))
+    _normalise_whole_numbers(config, rules)
+
+
+def _cross_checks(config: Mapping, sources: Mapping) -> list[str]:
+    """Conditions that involve more than one key or more than a value's type and range."""
+    messages = []
     direction = config["input"]["b0_direction"]
-    if direction is not None and (
-        not isinstance(direction, list) or len(direction) != 3
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in direction)
-        or not any(direction)
-    ):
-        raise ConfigError("configuration key 'input.b0_direction': expected three numbers, not all zero")
-    strength = config["input"]["field_strength"]
-    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))):
-        raise ConfigError(f"configuration key 'input.field_strength': expected a number of tesla, got {strength!r}")
-    if strength is not None and not 0.1 <= float(strength) <= 20:
-        raise ConfigError(f"configuration key 'input.field_strength': {strength} T is outside 0.1..20 T")
+    if direction is not None and not any(direction):
+        messages.append(f"configuration key 'input.b0_direction' (from {_source_of('input.b0_direction', sources)}): "
+                        f"{direction!r} is not allowed; expected three numbers, not all zero")
     if config["mask"]["method"] == "file" and not config["mask"].get("file"):
-        raise ConfigError("configuration key 'mask.file': required when mask.method is 'file'")
+        messages.append("configuration key 'mask.file': required when mask.method is 'file' "
+                        "(a path template such as /masks/sub-{subject}_mask.nii.gz)")
+    return messages
+
+
+def _normalise_whole_numbers(config: Mapping, rules: Mapping) -> None:
+    """Write whole numbers given as ``1e3`` or ``2.0`` as integers where the rule asks for one."""
+    for key, rule in rules.items():
+        wants_integer = rule.get("type") == "integer" or (
+            "anyOf" in rule and [r.get("type") for r in rule["anyOf"]] == ["null", "integer"])
+        if not wants_integer:
+            continue
+        *parents, leaf = key.split(".")
+        try:
+            section = _value_at(config, parents)
+        except (KeyError, TypeError):
+            continue
+        if isinstance(section, dict) and isinstance(section.get(leaf), float) and math.isfinite(section[leaf]):
+            section[leaf] = int(section[leaf])
+
+
+def config_yaml(config: Mapping) -> str:
+    """The configuration as YAML, in the order of ``configs/default.yaml`` (``preset`` first)."""
+    ordered = {"preset": config.get("preset", "default")}
+    ordered.update({key: value for key, value in config.items() if key != "preset"})
+    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False)
