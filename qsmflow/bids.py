@@ -279,13 +279,119 @@ def collect_scans(bids_dir, participant_labels=None, field_strength: float | Non
     return scans, errors
 
 
-def derivative_path(output_dir, entities: dict, suffix: str, *, desc: str | None = None, extension: str = ".nii.gz") -> Path:
-    """Path of a derivative in ``output_dir``: ``sub-X/[ses-Y/]anat/<prefix>[_desc-D]_<suffix><ext>``."""
-    directory = Path(output_dir) / f"sub-{entities['subject']}"
-    if entities.get("session"):
-        directory = directory / f"ses-{entities['session']}"
-    name = bids_prefix(entities) + (f"_desc-{desc}" if desc else "") + f"_{suffix}{extension}"
-    return directory / "anat" / name
+#: Entities qsmflow's derivatives may carry beyond BIDS's own: fMRIPrep's transform entities.
+_TRANSFORM_ENTITIES = {"from": "from", "to": "to", "mode": "mode"}
+
+
+def _entity_order() -> list[tuple[str, str]]:
+    """(long name, key) of every BIDS entity in the order BIDS puts them in a file name, from the
+    BIDS schema that pybids installs (``bidsschematools``), with fMRIPrep's ``from``/``to``/``mode``
+    just before ``desc``."""
+    from bidsschematools import schema
+
+    loaded = schema.load_schema()
+    order = [(name, loaded.objects.entities[name]["name"]) for name in loaded.rules.entities]
+    describe = [name for name, _ in order].index("description")
+    return order[:describe] + list(_TRANSFORM_ENTITIES.items()) + order[describe:]
+
+
+_ENTITY_ORDER: list[tuple[str, str]] = []
+
+
+def derivative_path(output_dir, entities: dict, suffix: str, *, extension: str = ".nii.gz", datatype: str = "anat",
+                    **more_entities) -> Path:
+    """Where a derivative goes, named as BIDS (and TemplateFlow, and fMRIPrep for transforms) name it.
+
+    ``sub-X/[ses-Y/]<datatype>/sub-X[_ses-Y]..._<suffix><extension>`` for a subject's file;
+    ``tpl-T/[cohort-K/]tpl-T[_cohort-K]..._<suffix><extension>`` for a template's (no datatype
+    folder, as TemplateFlow). Entities are given by their pybids names or their keys
+    (``{"subject": "01", "space": "MNI152NLin2009aSym", "desc": "brain"}``, or as keyword
+    arguments: ``desc="brain"``) and written in the order of the BIDS schema; ``None`` values are
+    left out. fMRIPrep's ``from``, ``to`` and ``mode`` name transforms
+    (``sub-01_from-MNI152NLin2009aSym_to-scanner_mode-image_xfm.h5``).
+
+    Raises ``ValueError`` for an entity BIDS does not know or a value that is not a BIDS label.
+    """
+    if not _ENTITY_ORDER:
+        _ENTITY_ORDER.extend(_entity_order())
+    by_key = {key: name for name, key in _ENTITY_ORDER}
+    names = {name for name, _ in _ENTITY_ORDER}
+    values: dict[str, str] = {}
+    for given, value in {**entities, **more_entities}.items():
+        name = given if given in names else by_key.get(given)
+        if name is None:
+            raise ValueError(f"derivative entity {given!r} is not a BIDS entity")
+        if value is None:
+            continue
+        value = str(value)
+        if not _LABEL_PATTERN.match(value):
+            raise ValueError(f"derivative entity {given}={value!r}: not a BIDS label (letters and digits only)")
+        values[name] = value
+    if not re.fullmatch(r"[A-Za-z0-9]+", suffix):
+        raise ValueError(f"derivative suffix {suffix!r}: letters and digits only")
+    name = "_".join(f"{key}-{values[entity]}" for entity, key in _ENTITY_ORDER if entity in values)
+    filename = f"{name}_{suffix}{extension}"
+    if "subject" in values:
+        directory = Path(output_dir) / f"sub-{values['subject']}"
+        if "session" in values:
+            directory = directory / f"ses-{values['session']}"
+        return directory / datatype / filename
+    if "template" in values:
+        directory = Path(output_dir) / f"tpl-{values['template']}"
+        if "cohort" in values:
+            directory = directory / f"cohort-{values['cohort']}"
+        return directory / filename
+    raise ValueError(f"derivative {filename}: needs a subject or a template entity")
+
+
+def sidecar_path(path) -> Path:
+    """The JSON sidecar of a data file (``x.nii.gz`` → ``x.json``)."""
+    path = Path(path)
+    for extension in (".nii.gz", ".nii", ".tsv", ".h5", ".mat", ".txt", ".json"):
+        if path.name.endswith(extension):
+            return path.with_name(path.name[: -len(extension)] + ".json")
+    return path.with_name(path.name + ".json")
+
+
+def reproducible_nifti_bytes(path) -> bytes:
+    """The image at ``path`` as ``.nii.gz`` bytes that depend only on its content (no gzip time)."""
+    import gzip
+
+    image = nib.load(str(path))
+    image = nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header)
+    return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
+
+
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` atomically unless the file already holds exactly it; True if written."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
+    atomic_write_bytes(path, data)
+    return True
+
+
+def write_derivative(output_dir, source_file, entities: dict, suffix: str, *, extension: str | None = None,
+                     datatype: str = "anat", metadata: dict | None = None) -> Path:
+    """Write one derivative (and its JSON sidecar) into the derivatives dataset ``output_dir``.
+
+    The one writer of every level: the file goes to :func:`derivative_path`; a NIfTI source is
+    stored as reproducible ``.nii.gz`` (bit-identical for identical content), any other file is
+    copied byte for byte; ``metadata``, when given, becomes the JSON sidecar, written before the
+    data file. Each file is written through a temporary file and a rename, and left untouched
+    when its content is unchanged.
+
+    Returns the path written.
+    """
+    source = Path(source_file)
+    if extension is None:
+        extension = ".nii.gz" if source.name.endswith((".nii", ".nii.gz")) else "".join(source.suffixes[-1:])
+    target = derivative_path(output_dir, entities, suffix, extension=extension, datatype=datatype)
+    if metadata is not None:
+        write_if_changed(sidecar_path(target), json_bytes(metadata))
+    data = reproducible_nifti_bytes(source) if extension == ".nii.gz" else source.read_bytes()
+    write_if_changed(target, data)
+    return target
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -324,6 +430,13 @@ def _json_default(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+#: Outputs outside the BIDS-Derivatives specification, listed in the derivatives' ``.bidsignore``
+#: so that the BIDS validator passes over them: the group and atlas levels' tables, figures and
+#: templates (laid out as TemplateFlow), the HTML reports and their figures, and fMRIPrep-style
+#: transforms (``_xfm``, not yet in BIDS).
+BIDS_IGNORED = ("group/", "atlas/", "sub-*.html", "sub-*/figures/", "*_xfm.*", "logs/")
+
+
 def write_dataset_description(output_dir, bids_dir=None) -> Path:
     """Write (or refresh) the derivative dataset's ``dataset_description.json``."""
     from . import __version__
@@ -335,7 +448,11 @@ def write_dataset_description(output_dir, bids_dir=None) -> Path:
         "GeneratedBy": [{"Name": "qsmflow", "Version": __version__, "CodeURL": "https://pypi.org/project/qsmflow/"}],
     }
     if bids_dir is not None:
-        description["SourceDatasets"] = [{"URL": Path(bids_dir).resolve().as_uri()}]
+        raw = Path(bids_dir).resolve().as_uri()
+        description["SourceDatasets"] = [{"URL": raw}]
+        # the sidecars' "Sources" are bids:raw:<path> URIs, resolved through this link
+        description["DatasetLinks"] = {"raw": raw}
     path = Path(output_dir) / "dataset_description.json"
     atomic_write_json(path, description)
+    write_if_changed(Path(output_dir) / ".bidsignore", "".join(f"{pattern}\n" for pattern in BIDS_IGNORED).encode())
     return path

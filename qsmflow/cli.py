@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qsmflow {__version__}")
     parser.add_argument("bids_dir", type=Path, help="root of the BIDS dataset (never written to)")
     parser.add_argument("output_dir", type=Path, help="root of the BIDS derivatives dataset to write")
-    parser.add_argument("analysis_level", choices=["participant"], help="processing level")
+    from .levels import LEVELS
+
+    parser.add_argument("analysis_level", choices=list(LEVELS),
+                        help="processing level: participant (per scan), then group / atlas (across participants)")
     parser.add_argument("--participant-label", nargs="+", default=[], metavar="LABEL",
                         help="subjects to process, with or without 'sub-' (default: all)")
     _common_options(parser)
@@ -65,9 +68,11 @@ def build_demo_parser() -> argparse.ArgumentParser:
 
 def build_status_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qsmflow status",
-                                     description="Report which scans of a cohort run are done, failed (and why) or pending.")
+                                     description="Report which units of work (scans, fits, templates) of a run are done, "
+                                                 "failed (and why), running or pending.")
     parser.add_argument("work_dir", type=Path, help="the run's --work-dir (default of a run: OUTPUT_DIR/.work)")
-    parser.add_argument("output_dir", type=Path, help="the derivatives dataset")
+    parser.add_argument("output_dir", type=Path, nargs="?",
+                        help="the derivatives dataset (optional: the run recorded where it writes)")
     return parser
 
 
@@ -175,30 +180,26 @@ def _children_die_with_their_parent() -> None:
     _FORK_HOOK["installed"] = True
 
 
-def _display_name(scan) -> str:
-    return f"{scan.name}_{scan.suffix}"
+def _remove_stale_temporaries(output_dir: Path, units) -> int:
+    """Delete temporary files that an interrupted writer of these units left behind.
 
-
-def _scan_workflow(scan) -> str:
-    return f"{scan.node_name}_{scan.suffix}_wf"
-
-
-def _remove_stale_temporaries(output_dir: Path, scans) -> int:
-    """Delete temporary files that an interrupted writer of these scans left behind.
-
-    Derivatives are written as ``.<final name>.<random>.tmp`` and renamed; a kill between
-    the two leaves the temporary file (never a partial file under the final name).
+    Derivatives are written as ``.<final name>.<random>.tmp`` and renamed; a kill between the
+    two leaves the temporary file (never a partial file under the final name). The folders
+    searched are those of the units' outputs and, for a subject's or session's datatype
+    folder (``anat/``), its sibling datatype folders (``fmap/``): only this run writes there.
     """
-    from .bids import derivative_path
-
+    directories = set()
+    for unit in units:
+        for output in unit.outputs:
+            folder = (output_dir / output).parent
+            directories.add(folder)
+            if folder.parent.name.startswith(("sub-", "ses-")) and folder.parent.is_dir():
+                directories.update(p for p in folder.parent.iterdir() if p.is_dir() and not p.name.startswith(("sub-", "ses-")))
     removed = 0
-    for scan in scans:
-        entities = {k: v for k, v in scan.entities.items() if v is not None}
-        directory = derivative_path(output_dir, entities, "Chimap").parent
+    pattern = re.compile(r"^\..+\.tmp$")
+    for directory in sorted(directories):
         if not directory.is_dir():
             continue
-        prefix = re.escape("." + scan.name + "_")
-        pattern = re.compile(prefix + r"(?!(ses|acq|rec|run)-).+\.tmp$")
         for path in directory.iterdir():
             if pattern.match(path.name) and path.is_file():
                 path.unlink(missing_ok=True)
@@ -216,32 +217,44 @@ def _one_line(failure) -> str:
 
 def run_participant(bids_dir: Path, output_dir: Path, *, participant_labels=(), config: dict, work_dir: Path | None = None,
                     debug: bool = False, progress: str = "auto") -> int:
-    """Reconstruct the selected participants; return the process exit code.
+    """Reconstruct the selected participants; return the process exit code (see :func:`run_level`)."""
+    return run_level("participant", bids_dir, output_dir, participant_labels=participant_labels, config=config,
+                     work_dir=work_dir, debug=debug, progress=progress)
 
-    Scans whose inputs fail the checks are reported and skipped; the others run. The run
-    ends with a table of what failed (subject, scan, step, reason, crash file) and, as the
+
+def run_level(level: str, bids_dir: Path, output_dir: Path, *, participant_labels=(), config: dict,
+              work_dir: Path | None = None, debug: bool = False, progress: str = "auto") -> int:
+    """Run one analysis level (:data:`qsmflow.levels.LEVELS`); return the process exit code.
+
+    Units of work whose inputs fail the checks are reported and skipped; the others run. The
+    run ends with a table of what failed (subject, unit, step, reason, crash file) and, as the
     last line, one line naming the first problem; the exit code is then 1.
     """
-    from .bids import check_output_dir, check_writable_dir, collect_scans, derivative_path, write_dataset_description
+    from .bids import check_dataset, check_output_dir, check_writable_dir, write_dataset_description
     from .execution import Failure, format_failures, plugin_settings, run_workflow
+    from .levels import level_builder
     from .progress import RunProgress
     from .resources import available_cpus
-    from .status import end_run_record, record_scans, start_run_record
-    from .workflows.base import init_participant_wf, subject_workflow_name
+    from .status import end_run_record, record_units, start_run_record
 
     bids_dir, output_dir = Path(bids_dir).absolute(), Path(output_dir).absolute()
     plugin, plugin_args = plugin_settings(config)
+    check_dataset(bids_dir)
     check_output_dir(bids_dir, output_dir)
-    scans, invalid = collect_scans(bids_dir, participant_labels, field_strength=config["input"]["field_strength"])
-    for scan_name, reason in invalid:
-        LOGGER.error("skipping %s: %s", scan_name, reason)
-    invalid_failures = [Failure(subject=name.split("_")[0][4:], scan=name, node="(input check)", reason=reason, crash_file="-")
-                        for name, reason in invalid]
-    if not scans:
-        if len(invalid) > 1:
-            print(format_failures(invalid_failures), file=sys.stderr)
-            raise UsageError(f"none of the {len(invalid)} scans can be processed (table above); first: {invalid[0][1]}")
-        raise UsageError(invalid[0][1])
+    plan = level_builder(level)(bids_dir, output_dir, config, participant_labels)
+    noun = plan.noun
+    for problem in plan.problems:
+        LOGGER.error("skipping %s: %s", problem.unit, problem.reason)
+    refused = [Failure(subject=p.subject or "-", unit=p.unit, node="(input check)", reason=p.reason, crash_file="-")
+               for p in plan.problems]
+    if plan.workflow is None:
+        if not refused:
+            raise UsageError(f"{bids_dir}: nothing to do at the {level} level")
+        if len(refused) > 1:
+            print(format_failures(refused, noun), file=sys.stderr)
+            raise UsageError(f"none of the {len(refused)} {noun}s can be processed (table above); first: {refused[0].reason}")
+        raise UsageError(refused[0].reason)
+    plan.collect()
     work_dir = Path(work_dir or output_dir / ".work").absolute()
     check_writable_dir(work_dir, "work directory")
     try:
@@ -250,29 +263,15 @@ def run_participant(bids_dir: Path, output_dir: Path, *, participant_labels=(), 
         work_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"{error.filename or output_dir}: cannot write ({error.strerror or error})") from None
-    LOGGER.info("%d scan(s) of %d participant(s); preset %s; work directory %s",
-                len(scans), len({s.subject for s in scans}), config["preset"], work_dir)
-    removed = _remove_stale_temporaries(output_dir, scans)
+    counted = plan.counted
+    LOGGER.info("%d %s(s) of %d participant(s); preset %s; work directory %s", len(counted), noun,
+                len({u.subject for u in plan.units if u.subject}), config["preset"], work_dir)
+    removed = _remove_stale_temporaries(output_dir, plan.units)
     if removed:
         LOGGER.info("removed %d temporary file(s) left by an interrupted run", removed)
 
-    workflow = init_participant_wf(scans, config, output_dir)
-    node_names = workflow.list_node_names()
-    scan_nodes = {}
-    for name in node_names:
-        subject_wf, scan_wf, node = name.split(".", 2)
-        scan_nodes.setdefault(f"{subject_wf}.{scan_wf}", []).append(node)
-    record_scans(work_dir, output_dir, [
-        {
-            "name": _display_name(scan),
-            "subject": scan.subject,
-            "workflow": f"{workflow.name}/{subject_workflow_name(scan.subject)}/{_scan_workflow(scan)}",
-            "nodes": sorted(scan_nodes.get(f"{subject_workflow_name(scan.subject)}.{_scan_workflow(scan)}", [])),
-            "chimap": str(derivative_path(output_dir, {k: v for k, v in scan.entities.items() if v is not None}, "Chimap")
-                          .relative_to(output_dir)),
-        }
-        for scan in scans
-    ] + [{"name": name, "subject": name.split("_")[0][4:], "invalid": reason} for name, reason in invalid])
+    workflow = plan.workflow
+    record_units(work_dir, output_dir, workflow.name, plan.units, plan.problems, level=level)
 
     restore_environment = []
     if plugin == "MultiProc":
@@ -291,11 +290,7 @@ def run_participant(bids_dir: Path, output_dir: Path, *, participant_labels=(), 
         LOGGER.info("%s submits the whole graph at once and reports no progress; use 'qsmflow status %s %s'",
                     plugin, work_dir, output_dir)
         progress = "off"
-    tracker = RunProgress(
-        node_names, top_name=workflow.name, mode=progress,
-        subject_labels={subject_workflow_name(s.subject): f"sub-{s.subject}" for s in scans},
-        scan_labels={f"{subject_workflow_name(s.subject)}.{_scan_workflow(s)}": _display_name(s) for s in scans},
-    )
+    tracker = RunProgress(plan.units, top_name=workflow.name, mode=progress)
     run_record = start_run_record(work_dir, ["qsmflow"] + sys.argv[1:])
     exit_code = 130
     try:
@@ -306,30 +301,28 @@ def run_participant(bids_dir: Path, output_dir: Path, *, participant_labels=(), 
             gc.freeze()
             try:
                 failures = run_workflow(workflow, work_dir, plugin=plugin, plugin_args=plugin_args, debug=debug,
-                                        status_callback=None if progress == "off" else tracker)
+                                        status_callback=None if progress == "off" else tracker, units=plan.units)
             finally:
                 gc.unfreeze()
                 tracker.close()
-        names = {f"{s.node_name}_{s.suffix}": _display_name(s) for s in scans}
-        for failure in failures:
-            failure.scan = names.get(failure.scan, failure.scan)
-        failures = sorted(failures, key=lambda f: (f.scan, f.node)) + invalid_failures
-        failed_scans = {f.scan for f in failures}
-        done = len(scans) + len(invalid) - len(failed_scans)
+        failures = sorted(failures, key=lambda f: (f.unit, f.node)) + refused
+        failed_units = {f.unit for f in failures}
+        total = len(counted) + len(refused)
+        done = total - len({u.name for u in counted if u.name in failed_units} | {f.unit for f in refused})
         if failures:
-            lines = [f"{done} of {len(scans) + len(invalid)} scan(s) finished; {len(failed_scans)} failed "
+            lines = [f"{done} of {total} {noun}(s) finished; {total - done} failed "
                      f"(tracebacks in the crash files; nipype's log: {nipype_log.path}):",
-                     format_failures(failures)]
+                     format_failures(failures, noun)]
             first = failures[0]
             if len(failures) == 1:
-                lines.append(f"qsmflow: error: {_one_line(first)} (scan {first.scan}, step {first.node})")
+                lines.append(f"qsmflow: error: {_one_line(first)} ({noun} {first.unit}, step {first.node})")
             else:
-                lines.append(f"qsmflow: error: {len(failed_scans)} of {len(scans) + len(invalid)} scans failed (table above); "
-                             f"first: {_one_line(first)} (scan {first.scan}, step {first.node})")
+                lines.append(f"qsmflow: error: {len(failed_units)} of {total} {noun}s failed (table above); "
+                             f"first: {_one_line(first)} ({noun} {first.unit}, step {first.node})")
             print("\n".join(lines), file=sys.stderr)
             exit_code = 1
         else:
-            LOGGER.info("all %d scan(s) finished; derivatives in %s", len(scans), output_dir)
+            LOGGER.info("all %d %s(s) finished; derivatives in %s", len(counted), noun, output_dir)
             exit_code = 0
         return exit_code
     except Exception:
@@ -378,8 +371,8 @@ def main(argv=None) -> int:
         if demo:
             return run_demo(args.output_dir, subjects=args.subjects, config=config, work_dir=args.work_dir, debug=args.debug,
                             progress=args.progress)
-        return run_participant(args.bids_dir, args.output_dir, participant_labels=args.participant_label,
-                               config=config, work_dir=args.work_dir, debug=args.debug, progress=args.progress)
+        return run_level(args.analysis_level, args.bids_dir, args.output_dir, participant_labels=args.participant_label,
+                         config=config, work_dir=args.work_dir, debug=args.debug, progress=args.progress)
     except KeyboardInterrupt:
         print("qsmflow: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -12,13 +12,14 @@ _ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception)):\s*(.+)$")
 
 @dataclass
 class Failure:
-    """One crashed node of a run."""
+    """One crashed node (or a unit refused before the run) and the unit of work it belongs to."""
 
     subject: str
-    scan: str
+    unit: str
     node: str
     reason: str
     crash_file: str
+    node_path: str = ""  # the node's dotted name as nipype gives it (top workflow first)
 
 
 def configure_nipype(work_dir: Path, crash_dir: Path, *, debug: bool = False) -> None:
@@ -81,8 +82,9 @@ def plugin_settings(config: dict) -> tuple[str, dict]:
 
 
 def run_workflow(workflow, work_dir, *, plugin: str = "MultiProc", plugin_args: dict | None = None, debug: bool = False,
-                 status_callback=None) -> list[Failure]:
-    """Run ``workflow`` with its cache in ``work_dir``; return the failed nodes (empty on success).
+                 status_callback=None, units=()) -> list[Failure]:
+    """Run ``workflow`` with its cache in ``work_dir``; return the failed nodes (empty on success),
+    each attributed to its unit among ``units``.
 
     ``status_callback(node, status)`` is nipype's plugin callback ('start', 'end', 'exception').
     SLURM, SLURMGraph, SGE and PBS run through :mod:`qsmflow.cluster`. ``poll_sleep_duration``
@@ -107,7 +109,7 @@ def run_workflow(workflow, work_dir, *, plugin: str = "MultiProc", plugin_args: 
         else:
             workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as error:
-        failures = read_crash_files(crash_dir)
+        failures = read_crash_files(crash_dir, units)
         if not failures:
             raise RuntimeError(f"the workflow failed without a crash file: {error}") from None
         return failures
@@ -154,17 +156,24 @@ def _resilient_multiproc_plugin():
     return ResilientMultiProcPlugin
 
 
-def read_crash_files(crash_dir) -> list[Failure]:
-    """Parse nipype's text crash files into :class:`Failure` records."""
+def read_crash_files(crash_dir, units=()) -> list[Failure]:
+    """Parse nipype's text crash files into :class:`Failure` records.
+
+    Each failure is attributed to the unit of work (:mod:`qsmflow.workunits`) among ``units``
+    that holds its node; without one, unit and subject are ``?``.
+    """
+    from .workunits import unit_of_node
+
     failures = []
     for crash_file in sorted(Path(crash_dir).glob("crash-*.txt")):
         text = crash_file.read_text(errors="replace")
         node_match = re.search(r"^Node: (\S+)", text, re.MULTILINE)
         node_path = node_match.group(1) if node_match else "?"
-        parts = node_path.split(".")
-        subject = next((p[4:-3] for p in parts if p.startswith("sub_") and p.endswith("_wf") and p.count("_") >= 2 and "MEGRE" not in p and "T2starw" not in p), "?")
-        scan = next((p[:-3] for p in parts if p.endswith(("_MEGRE_wf", "_T2starw_wf"))), "?")
-        failures.append(Failure(subject=subject, scan=scan, node=parts[-1], reason=_reason(text), crash_file=str(crash_file)))
+        unit = unit_of_node(list(units), node_path)
+        failures.append(Failure(
+            subject=(unit.subject or "-") if unit else "?", unit=unit.name if unit else "?",
+            node=node_path.rsplit(".", 1)[-1], reason=_reason(text), crash_file=str(crash_file), node_path=node_path,
+        ))
     return failures
 
 
@@ -179,10 +188,10 @@ def _reason(text: str) -> str:
     return f"{kind}: {match.group(3).strip()}"
 
 
-def format_failures(failures: list[Failure]) -> str:
-    """A plain-text table of failures: subject, scan, node, reason, crash file."""
-    rows = [("subject", "scan", "node", "reason", "crash file")] + [
-        (f.subject, f.scan, f.node, f.reason, f.crash_file) for f in failures
+def format_failures(failures: list[Failure], noun: str = "scan") -> str:
+    """A plain-text table of failures: subject, unit (headed ``noun``), node, reason, crash file."""
+    rows = [("subject", noun, "node", "reason", "crash file")] + [
+        (f.subject, f.unit, f.node, f.reason, f.crash_file) for f in failures
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows]

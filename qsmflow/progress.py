@@ -60,29 +60,23 @@ def _format_seconds(seconds: float) -> str:
 
 
 class RunProgress:
-    """nipype status callback that reports nodes done of the total, per subject.
+    """nipype status callback that reports nodes done of the total, per subject (or per unit).
 
     Parameters
     ----------
-    node_names : list of str
-        Every node of the run, as dotted names relative to the top workflow
-        (``Workflow.list_node_names()``), e.g. ``sub_01_wf.sub_01_MEGRE_wf.load_echoes``.
+    units : list of qsmflow.workunits.WorkUnit
+        The run's units of work with their nodes (dotted names relative to the top workflow).
+        Nodes are grouped by the unit's subject (``sub-01``) or, for units of the whole cohort
+        (a group fit, a template), by the unit itself.
     top_name : str
         Name of the top workflow, which nipype puts in front of the names it reports.
-    subject_labels : dict, optional
-        Display name of each subject, keyed by the first component of the node names
-        (e.g. ``{'sub_01_wf': 'sub-01'}``); by default the component itself.
-    scan_labels : dict, optional
-        Display name of each scan, keyed by the first two components
-        (e.g. ``{'sub_01_wf.sub_01_MEGRE_wf': 'sub-01_MEGRE'}``).
     mode : {'auto', 'bar', 'log', 'off'}
         ``auto`` draws a bar when ``stream`` is a terminal and writes log lines otherwise.
     stream : file, optional
         Where the bar goes (default: standard error). Log lines go through the ``qsmflow`` logger.
     """
 
-    def __init__(self, node_names, *, top_name: str, subject_labels=None, scan_labels=None, mode: str = "auto",
-                 stream=None):
+    def __init__(self, units, *, top_name: str, mode: str = "auto", stream=None):
         if mode not in MODES:
             raise ValueError(f"progress mode {mode!r} is not one of {', '.join(MODES)}")
         self.stream = stream if stream is not None else sys.stderr
@@ -90,9 +84,8 @@ class RunProgress:
             mode = "bar" if _is_terminal(self.stream) else "log"
         self.mode = mode
         self.top_prefix = top_name + "."
-        self.subject_labels = dict(subject_labels or {})
-        self.scan_labels = dict(scan_labels or {})
-        self.nodes = {name: self._groups_of(name) for name in node_names}
+        self.nodes = {name: (unit.owner, unit.name) for unit in units for name in unit.nodes}
+        self.noun = "subjects" if all(unit.subject for unit in units) else "units"
         self.total = len(self.nodes)
         self.subjects: dict[str, _Group] = {}
         for subject, _scan in self.nodes.values():
@@ -168,14 +161,14 @@ class RunProgress:
             if failed:
                 self._bar.write(f"qsmflow: {scan}: step {node} FAILED (reason in the summary at the end)", file=self.stream)
             elif group.finished:
-                self._bar.write(f"qsmflow: {self.subject_labels.get(subject, subject)} done "
-                                f"({self.subjects_finished()} of {len(self.subjects)} subjects)", file=self.stream)
+                self._bar.write(f"qsmflow: {subject} done "
+                                f"({self.subjects_finished()} of {len(self.subjects)} {self.noun})", file=self.stream)
             return
         if self.mode != "log":
             return
         width = len(str(self.total))
         counts = f"[{finished:>{width}}/{self.total} nodes]"
-        subject_label = self.subjects_label(subject)
+        subject_label = subject
         if failed:
             LOGGER.error("%s %s: %s FAILED (%s: %d/%d done, %d failed)", counts, scan, node, subject_label,
                          group.done, group.total, group.failed)
@@ -183,13 +176,13 @@ class RunProgress:
             timing = f" in {seconds:.1f} s" if seconds is not None else ""
             LOGGER.info("%s %s: %s done%s (%s: %d/%d)", counts, scan, node, timing, subject_label, group.done, group.total)
             if group.finished:
-                LOGGER.info("%s %s: all %d nodes done (%d of %d subjects done)", counts, subject_label, group.total,
-                            self.subjects_finished(), len(self.subjects))
+                LOGGER.info("%s %s: all %d nodes done (%d of %d %s done)", counts, subject_label, group.total,
+                            self.subjects_finished(), len(self.subjects), self.noun)
 
     def _refresh_postfix(self) -> None:
-        running = [(self.subjects_label(s), g) for s, g in self.subjects.items() if g.active]
+        running = [(s, g) for s, g in self.subjects.items() if g.active]
         failed = sum(1 for g in self.subjects.values() if g.failed)
-        text = f"subjects {self.subjects_finished()}/{len(self.subjects)} done"
+        text = f"{self.noun} {self.subjects_finished()}/{len(self.subjects)} done"
         if failed:
             text += f", {failed} failed"
         if running:
@@ -199,9 +192,6 @@ class RunProgress:
         self._bar.set_postfix_str(text, refresh=False)
 
     # -- queries and end ----------------------------------------------------------------------
-    def subjects_label(self, subject: str) -> str:
-        return self.subject_labels.get(subject, subject)
-
     def subjects_finished(self) -> int:
         return sum(1 for g in self.subjects.values() if g.finished)
 
@@ -225,7 +215,7 @@ class RunProgress:
             parts.append(f"{self.failed} failed")
         if self.not_run:
             parts.append(f"{self.not_run} not run")
-        return (f"{', '.join(parts)}; {self.subjects_finished()} of {len(self.subjects)} subjects complete; "
+        return (f"{', '.join(parts)}; {self.subjects_finished()} of {len(self.subjects)} {self.noun} complete; "
                 f"elapsed {_format_seconds(time.monotonic() - self.started_at)}")
 
     def close(self) -> None:
@@ -237,13 +227,6 @@ class RunProgress:
             self._bar = None
         if self.mode != "off":
             LOGGER.info("%s", self.summary())
-
-    # -- helpers ------------------------------------------------------------------------------
-    def _groups_of(self, name: str) -> tuple[str, str]:
-        parts = name.split(".")
-        subject = parts[0] if len(parts) > 1 else "(workflow)"
-        scan_key = ".".join(parts[:2]) if len(parts) > 2 else subject
-        return subject, self.scan_labels.get(scan_key, scan_key)
 
 
 def _terminal_columns(stream) -> int:

@@ -1,18 +1,21 @@
-"""Where a cohort run stands: which scans are done, which failed and why, which are pending.
+"""Where a run stands: which units of work are done, which failed and why, which are pending.
 
-A participant run records what it is about to do in ``WORK_DIR/.qsmflow/``: one small JSON
-file per scan (``scans/<scan>.json``: its nodes, where its Chimap goes, or why it could not
-start) and one per run (``runs/<time>-<host>-<pid>.json``: command, start, end, exit code).
-Files per scan rather than one shared file, so that jobs processing different subjects with
-the same work directory (one cluster job per subject) never overwrite each other's records.
+A run records what it is about to do in ``WORK_DIR/.qsmflow/``: one small JSON file per unit
+of work (``units/<unit>.json``: its kind, subject, nodes and outputs, or why it could not
+start; see :mod:`qsmflow.workunits`) and one per run (``runs/<time>-<host>-<pid>.json``:
+command, start, end, exit code). Files per unit rather than one shared file, so that jobs
+processing different subjects with the same work directory (one cluster job per subject)
+never overwrite each other's records.
 
 :func:`cohort_status` reads these records, nipype's cache and crash files, and the
-derivatives, and classifies every scan:
+derivatives, and classifies every unit:
 
 ``done``
-    its ``_Chimap.nii.gz`` is in the output directory (written last, atomically);
+    all its outputs are in the output directory (written last, atomically) and all its nodes
+    have finished in the cache (so the outputs of an earlier configuration do not count once a
+    run with another one has started the unit);
 ``failed``
-    its inputs were refused before the run, or a crash file of the last run that took the scan
+    its inputs were refused before the run, or a crash file of the last run that took the unit
     names one of its nodes and that node has not succeeded since;
 ``running``
     a run that is still alive (same host, live process) has started one of its nodes;
@@ -35,18 +38,19 @@ RECORDS = ".qsmflow"
 
 
 @dataclass
-class ScanStatus:
-    """State of one scan of a cohort."""
+class UnitStatus:
+    """State of one unit of work."""
 
     name: str
-    subject: str
+    subject: str | None
     state: str
     nodes_done: int
     nodes_total: int
+    kind: str = "scan"
     node: str = ""
     reason: str = ""
     crash_file: str = ""
-    chimap: str = ""
+    output: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,22 +59,25 @@ def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def record_scans(work_dir, output_dir, entries) -> None:
-    """Record the scans a run is about to process (or refused).
+def record_units(work_dir, output_dir, top_workflow: str, units, problems=(), *, level: str = "participant") -> None:
+    """Record the units of work a run is about to process, and those refused before it.
 
     Parameters
     ----------
     work_dir, output_dir : path
-    entries : list of dict
-        Each with ``name`` (e.g. ``sub-01_MEGRE``), ``subject``, and either ``workflow`` (node
-        path of the scan's workflow relative to the work directory, ``/``-separated), ``nodes``
-        (node names inside it) and ``chimap`` (path relative to ``output_dir``), or ``invalid``
-        (why the scan could not start).
+    top_workflow : str
+        Name of the run's top workflow (its folder in ``work_dir``).
+    units : list of qsmflow.workunits.WorkUnit
+    problems : list of qsmflow.levels.Problem
+        Units that could not start, with the reason.
     """
-    directory = Path(work_dir) / RECORDS / "scans"
-    for entry in entries:
-        atomic_write_json(directory / f"{_safe_name(entry['name'])}.json",
-                          {**entry, "output_dir": str(Path(output_dir).absolute()), "recorded": time.time()})
+    directory = Path(work_dir) / RECORDS / "units"
+    common = {"output_dir": str(Path(output_dir).absolute()), "workflow": top_workflow, "level": level, "recorded": time.time()}
+    for unit in units:
+        atomic_write_json(directory / f"{_safe_name(unit.name)}.json", {**unit.record(), **common})
+    for problem in problems:
+        atomic_write_json(directory / f"{_safe_name(problem.unit)}.json",
+                          {"name": problem.unit, "subject": problem.subject, "invalid": problem.reason, **common})
 
 
 def start_run_record(work_dir, command) -> Path:
@@ -94,11 +101,14 @@ def _node_state(node_dir: Path) -> tuple[str, float]:
     if not node_dir.is_dir():
         return "new", 0.0
     hashes = list(node_dir.glob("_0x*.json"))
-    finished = [p for p in hashes if not p.name.endswith("_unfinished.json")]
+    finished = [p.stat().st_mtime for p in hashes if not p.name.endswith("_unfinished.json")]
+    unfinished = [p.stat().st_mtime for p in hashes if p.name.endswith("_unfinished.json")]
+    # a run with other inputs (e.g. a new configuration) that started the node makes the
+    # result of the earlier inputs history
+    if unfinished and (not finished or max(unfinished) >= max(finished)):
+        return "started", max(unfinished)
     if finished:
-        return "done", max(p.stat().st_mtime for p in finished)
-    if any(p.name.endswith("_unfinished.json") for p in hashes):
-        return "started", max(p.stat().st_mtime for p in hashes)
+        return "done", max(finished)
     results = list(node_dir.glob("result_*.pklz"))
     if results:  # a result without a hash file: the node raised
         return "failed", max(p.stat().st_mtime for p in results)
@@ -141,97 +151,101 @@ def last_run(work_dir) -> dict | None:
     return record
 
 
-def _latest_crashes(work_dir: Path) -> dict:
-    """Newest crash per scan workflow: {'sub_01_MEGRE_wf': Failure}."""
+def _latest_crashes(work_dir: Path, units) -> dict:
+    """Newest crash per unit of work: {unit name: Failure}."""
     from .execution import read_crash_files
 
     latest = {}
     crash_root = work_dir / "crashes"
     directories = sorted({p.parent for p in crash_root.rglob("crash-*.txt")}) if crash_root.is_dir() else []
     for directory in directories:
-        for failure in read_crash_files(directory):
-            key = f"{failure.scan}_wf"
+        for failure in read_crash_files(directory, units):
             mtime = Path(failure.crash_file).stat().st_mtime
-            if key not in latest or mtime >= latest[key][0]:
-                latest[key] = (mtime, failure)
+            if failure.unit not in latest or mtime >= latest[failure.unit][0]:
+                latest[failure.unit] = (mtime, failure)
     return {key: failure for key, (_, failure) in latest.items()}
 
 
-def _discover_entries(work_dir: Path) -> list[dict]:
-    """Scans found in the work directory when a run left no records (e.g. an older version)."""
-    entries = []
-    for scan_dir in sorted(work_dir.glob("*/sub_*_wf/*_wf")):
-        nodes = sorted(p.name for p in scan_dir.iterdir() if p.is_dir())
-        name = scan_dir.name[:-3]
-        entries.append({"name": name, "subject": scan_dir.parent.name[4:-3], "nodes": nodes,
-                        "workflow": str(scan_dir.relative_to(work_dir)), "chimap": None})
-    return entries
+def read_records(work_dir) -> list[dict]:
+    """The unit records of ``work_dir`` (see :func:`record_units`), sorted by name."""
+    records = {}
+    for path in sorted((Path(work_dir) / RECORDS / "units").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        records[record["name"]] = record
+    return [records[name] for name in sorted(records)]
 
 
-def cohort_status(work_dir, output_dir) -> list[ScanStatus]:
-    """Classify every scan recorded in ``work_dir`` (see the module docstring).
+def cohort_status(work_dir, output_dir=None) -> list[UnitStatus]:
+    """Classify every unit of work recorded in ``work_dir`` (see the module docstring).
 
     Parameters
     ----------
     work_dir : path
         The run's ``--work-dir`` (nipype cache, crash files, qsmflow's records).
-    output_dir : path
-        The derivatives dataset.
+    output_dir : path, optional
+        Where to look for the outputs; by default where the run that recorded each unit wrote them.
 
     Returns
     -------
-    list of ScanStatus, sorted by scan name.
+    list of UnitStatus, sorted by unit name.
     """
-    work_dir, output_dir = Path(work_dir).absolute(), Path(output_dir).absolute()
-    entries = {}
-    for path in sorted((work_dir / RECORDS / "scans").glob("*.json")):
-        try:
-            entry = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        entries[entry["name"]] = entry
-    if not entries:
-        entries = {e["name"]: e for e in _discover_entries(work_dir)}
-    crashes = _latest_crashes(work_dir)
+    from .workunits import WorkUnit
+
+    work_dir = Path(work_dir).absolute()
+    records = read_records(work_dir)
+    units = [WorkUnit(kind=r.get("kind", "scan"), name=r["name"], subject=r.get("subject"), outputs=r.get("outputs", []),
+                      nodes=[f"{r['workflow']}.{n}" for n in r.get("nodes", [])]) for r in records if not r.get("invalid")]
+    crashes = _latest_crashes(work_dir, units)
     running = bool(_live_runs(work_dir))
     statuses = []
-    for name, entry in sorted(entries.items()):
-        if entry.get("invalid"):
-            statuses.append(ScanStatus(name, entry["subject"], "failed", 0, 0, node="(input check)", reason=entry["invalid"]))
+    for record in records:
+        kind = record.get("kind", "scan")
+        if record.get("invalid"):
+            statuses.append(UnitStatus(record["name"], record.get("subject"), "failed", 0, 0, kind=kind,
+                                       node="(input check)", reason=record["invalid"]))
             continue
-        scan_dir = work_dir / entry["workflow"]
-        nodes = entry.get("nodes") or []
-        states = {node: _node_state(scan_dir / node) for node in nodes}
+        root = Path(output_dir).absolute() if output_dir is not None else Path(record["output_dir"])
+        nodes = record.get("nodes") or []
+        states = {node: _node_state(work_dir / record["workflow"] / node.replace(".", "/")) for node in nodes}
         done = sum(1 for state, _ in states.values() if state == "done")
-        status = ScanStatus(name, entry["subject"], "pending", done, len(nodes))
-        chimap = output_dir / entry["chimap"] if entry.get("chimap") else None
-        if chimap is not None and chimap.is_file():
-            status.state, status.chimap = "done", str(chimap)
-        elif chimap is None and states.get("write_derivatives", ("new", 0.0))[0] == "done":
-            status.state = "done"  # no record of the Chimap's name: trust the writer's cache
-        else:
-            crash = crashes.get(Path(entry["workflow"]).name)
-            if crash is not None:
-                state, changed = states.get(crash.node, ("new", 0.0))
-                crashed = Path(crash.crash_file).stat().st_mtime
-                # a crash of an earlier run than the last one that took this scan (the input may
-                # have been repaired), or a node that succeeded since, is history
-                superseded = crashed < entry.get("recorded", 0.0) or (state == "done" and changed > crashed)
-                if not superseded:
-                    status.state, status.node, status.reason, status.crash_file = "failed", crash.node, crash.reason, crash.crash_file
-            if status.state == "pending" and running and any(state == "started" for state, _ in states.values()):
+        status = UnitStatus(record["name"], record.get("subject"), "pending", done, len(nodes), kind=kind)
+        outputs = [root / p for p in record.get("outputs", [])]
+        crash = crashes.get(record["name"])
+        if crash is not None:
+            node = crash.node_path.split(".", 1)[-1]
+            state, changed = states.get(node, ("new", 0.0))
+            crashed = Path(crash.crash_file).stat().st_mtime
+            # a crash of an earlier run than the last one that took this unit (the input may
+            # have been repaired), or of a node that succeeded since, is history
+            if not (crashed < record.get("recorded", 0.0) or (state == "done" and changed > crashed)):
+                status.state, status.node, status.reason, status.crash_file = "failed", crash.node, crash.reason, crash.crash_file
+        if status.state == "pending":
+            if outputs and all(p.is_file() for p in outputs) and done == len(nodes):
+                status.state, status.output = "done", str(outputs[-1])
+            elif running and any(state == "started" for state, _ in states.values()):
                 status.state = "running"
-                status.node = ", ".join(node for node, (state, _) in states.items() if state == "started")
+                status.node = ", ".join(node.rsplit(".", 1)[-1] for node, (state, _) in states.items() if state == "started")
         statuses.append(status)
     return statuses
 
 
-def format_status(statuses: list[ScanStatus], run: dict | None = None) -> str:
-    """A table (scan, state, nodes done, detail) and a summary line."""
-    rows = [("scan", "state", "nodes", "detail")]
+def _count_label(statuses) -> str:
+    """``3 scan(s)`` or, for units of several kinds, ``3 scan(s) and 10 fit(s)``."""
+    kinds: dict[str, int] = {}
+    for status in statuses:
+        kinds[status.kind] = kinds.get(status.kind, 0) + 1
+    return " and ".join(f"{n} {kind}(s)" for kind, n in kinds.items())
+
+
+def format_status(statuses: list[UnitStatus], run: dict | None = None) -> str:
+    """A table (unit, state, nodes done, detail) and a summary line."""
+    rows = [("unit", "state", "nodes", "detail")]
     for s in statuses:
         if s.state == "done":
-            detail = s.chimap
+            detail = s.output
         elif s.state == "failed":
             detail = f"{s.node}: {s.reason}" + (f"  [{s.crash_file}]" if s.crash_file else "")
         elif s.state == "running":
@@ -243,7 +257,7 @@ def format_status(statuses: list[ScanStatus], run: dict | None = None) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3] for row in rows]
     counts = {state: sum(1 for s in statuses if s.state == state) for state in ("done", "failed", "running", "pending")}
     nodes_done, nodes_total = sum(s.nodes_done for s in statuses), sum(s.nodes_total for s in statuses)
-    summary = f"{len(statuses)} scan(s): " + ", ".join(f"{n} {state}" for state, n in counts.items()) + \
+    summary = f"{_count_label(statuses)}: " + ", ".join(f"{n} {state}" for state, n in counts.items()) + \
         f"; {nodes_done} of {nodes_total} nodes done"
     if run is not None:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"]))
@@ -256,20 +270,26 @@ def format_status(statuses: list[ScanStatus], run: dict | None = None) -> str:
     return "\n".join(lines + [summary])
 
 
-def main_status(work_dir, output_dir, stream=None) -> int:
-    """``qsmflow status WORK_DIR OUTPUT_DIR``: print the table and the summary.
+def main_status(work_dir, output_dir=None, stream=None) -> int:
+    """``qsmflow status WORK_DIR [OUTPUT_DIR]``: print the table and the summary.
 
-    Returns 0 whatever the scans' states (failed scans are a report, not an error of this
-    command); 1 only when ``work_dir`` does not exist.
+    Outputs are looked for where the recorded run wrote them (e.g. the demo's
+    ``OUTPUT/derivatives/qsmflow``); an ``output_dir`` elsewhere gets a note saying so.
+    Returns 0 whatever the units' states (failed units are a report, not an error of this
+    command); 1 only when ``work_dir`` does not exist or holds no qsmflow records.
     """
     stream = stream or sys.stdout
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
         print(f"qsmflow: error: {work_dir}: no such work directory", file=sys.stderr)
         return 1
-    statuses = cohort_status(work_dir, output_dir)
-    if not statuses:
-        print(f"{work_dir}: no qsmflow scans recorded", file=stream)
-        return 0
-    print(format_status(statuses, last_run(work_dir)), file=stream)
+    records = read_records(work_dir)
+    if not records:
+        print(f"qsmflow: error: {work_dir}: no qsmflow run recorded in this work directory", file=sys.stderr)
+        return 1
+    recorded = sorted({r["output_dir"] for r in records})
+    if output_dir is not None and [str(Path(output_dir).absolute())] != recorded:
+        print(f"note: the run wrote its outputs to {', '.join(recorded)} (not {Path(output_dir).absolute()}); "
+              "they are looked for there", file=stream)
+    print(format_status(cohort_status(work_dir), last_run(work_dir)), file=stream)
     return 0

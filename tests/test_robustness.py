@@ -27,7 +27,8 @@ import pytest
 
 from qsmflow import simulate
 from qsmflow.progress import RunProgress
-from qsmflow.status import cohort_status, last_run, record_scans
+from qsmflow.status import cohort_status, last_run
+from qsmflow.workunits import WorkUnit
 
 pytestmark = pytest.mark.slow
 
@@ -145,8 +146,9 @@ def test_one_broken_subject_does_not_stop_the_others(cohort, reference, tmp_path
     assert table[4].endswith("ended with exit code 1")
 
     # once a new run takes the scan again, the old crash is history (unless it crashes again)
-    record = json.loads((work / ".qsmflow" / "scans" / "sub-02_MEGRE.json").read_text())
-    record_scans(work, out, [{k: v for k, v in record.items() if k not in ("output_dir", "recorded")}])
+    record_file = work / ".qsmflow" / "units" / "sub-02_MEGRE.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "recorded": time.time()}))
     assert [s.state for s in cohort_status(work, out)] == ["done", "pending", "done"]
 
     # repaired input: the rerun computes only the broken subject, and everything is done
@@ -170,7 +172,7 @@ def test_status_of_a_run_that_has_not_started(cohort, tmp_path):
     assert status.returncode == 1 and "no such work directory" in status.stderr
     (tmp_path / "work").mkdir()
     status = qsmflow("status", tmp_path / "work", tmp_path / "out")
-    assert status.returncode == 0 and "no qsmflow scans recorded" in status.stdout
+    assert status.returncode == 1 and "no qsmflow run recorded in this work directory" in status.stderr
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,8 +190,9 @@ def test_progress_counts_each_node_once_whatever_the_plugin_reports():
     logger.addHandler(handler)
     level, logger.level = logger.level, logging.INFO
     try:
-        progress = RunProgress(names, top_name="qsmflow_wf", mode="log",
-                               subject_labels={"sub_01_wf": "sub-01", "sub_02_wf": "sub-02"})
+        units = [WorkUnit(kind="scan", name=f"sub-{s}_MEGRE", subject=s, nodes=[n for n in names if f"sub_{s}_wf" in n])
+                 for s in ("01", "02")]
+        progress = RunProgress(units, top_name="qsmflow_wf", mode="log")
         node = {n: _Node("qsmflow_wf." + n) for n in names}
         progress(node[names[0]], "end")            # reused from the cache: MultiProc reports only 'end'
         progress(node[names[1]], "start")
@@ -208,12 +211,12 @@ def test_progress_counts_each_node_once_whatever_the_plugin_reports():
     assert (progress.done, progress.failed, progress.not_run, progress.total) == (3, 1, 2, 6)
     messages = [r.getMessage() for r in records]
     assert messages[:3] == [
-        "[1/6 nodes] sub_01_wf.sub_01_MEGRE_wf: load done (sub-01: 1/3)",
-        "[2/6 nodes] sub_01_wf.sub_01_MEGRE_wf: fit done in 0.0 s (sub-01: 2/3)",
-        "[3/6 nodes] sub_01_wf.sub_01_MEGRE_wf: write done in 0.0 s (sub-01: 3/3)",
+        "[1/6 nodes] sub-01_MEGRE: load done (sub-01: 1/3)",
+        "[2/6 nodes] sub-01_MEGRE: fit done in 0.0 s (sub-01: 2/3)",
+        "[3/6 nodes] sub-01_MEGRE: write done in 0.0 s (sub-01: 3/3)",
     ]
     assert messages[3] == "[3/6 nodes] sub-01: all 3 nodes done (1 of 2 subjects done)"
-    assert messages[4] == "[4/6 nodes] sub_02_wf.sub_02_MEGRE_wf: load FAILED (sub-02: 0/3 done, 1 failed)"
+    assert messages[4] == "[4/6 nodes] sub-02_MEGRE: load FAILED (sub-02: 0/3 done, 1 failed)"
     assert messages[5].startswith("3 of 6 nodes done, 1 failed, 2 not run; 1 of 2 subjects complete; elapsed 00:0")
     assert len(messages) == 6
 

@@ -6,11 +6,13 @@ import re
 import nibabel as nib
 from nipype.pipeline import engine as pe
 
+from qsmflow.workunits import declare_unit
+
 from .recon import init_scan_qsm_wf
 
 
 def subject_workflow_name(subject: str) -> str:
-    """nipype name of a subject's sub-workflow (used again to attribute crashes)."""
+    """nipype name of a subject's sub-workflow."""
     return "sub_" + re.sub(r"[^A-Za-z0-9]", "_", subject) + "_wf"
 
 
@@ -28,13 +30,17 @@ def init_participant_wf(scans, config: dict, output_dir, *, name: str = "qsmflow
 
     Returns
     -------
-    nipype Workflow named ``name`` containing ``sub_<label>_wf`` workflows, each with one
-    ``<scan>_wf`` per scan (see :func:`qsmflow.workflows.recon.init_scan_qsm_wf`).
+    nipype Workflow named ``name`` containing ``sub_<label>_wf`` workflows (a subject's unit of
+    work, for steps that join its scans), each with one ``<scan>_wf`` per scan (a scan's unit; see
+    :func:`qsmflow.workflows.recon.init_scan_qsm_wf`).
     """
     workflow = pe.Workflow(name=name)
     subjects: dict[str, pe.Workflow] = {}
     for scan in scans:
-        subject_wf = subjects.setdefault(scan.subject, pe.Workflow(name=subject_workflow_name(scan.subject)))
+        if scan.subject not in subjects:
+            subjects[scan.subject] = declare_unit(pe.Workflow(name=subject_workflow_name(scan.subject)), kind="subject",
+                                                  name=f"sub-{scan.subject}", subject=scan.subject)
+        subject_wf = subjects[scan.subject]
         shape = nib.load(scan.magnitude_files[0]).shape
         subject_wf.add_nodes([init_scan_qsm_wf(scan, config, output_dir, shape=shape, name=f"{scan.node_name}_{scan.suffix}_wf")])
     workflow.add_nodes(list(subjects.values()))

@@ -7,6 +7,8 @@ from nipype.pipeline import engine as pe
 
 from qsmflow.config import method_parameters
 from qsmflow.interfaces.derivatives import WriteScanDerivatives
+from qsmflow.bids import derivative_path
+from qsmflow.workunits import declare_unit
 from qsmflow.interfaces.recon import (
     BrainMask,
     FitField,
@@ -51,14 +53,31 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
     ------
     (none: the scan's files are fixed when the graph is built)
 
-    Outputs
-    -------
+    Outputs (``outputnode``)
+    -------------------------
+    chi
+        Referenced susceptibility map (ppm) in the work directory.
+    magnitude
+        4-D magnitude, all echoes (float32).
+    brain_mask, qsm_mask
+        Brain mask from the magnitude; where the local field and chi are valid.
+    total_field, local_field
+        Total field (Hz) and local field (ppm of B0).
+    r2star
+        R2* map (1/s); undefined for a single echo or when disabled.
     chimap
-        Path of the written ``_Chimap.nii.gz``.
+        Path of the written ``_Chimap.nii.gz`` derivative.
+
+    The workflow is declared as the scan's unit of work (:mod:`qsmflow.workunits`), done when
+    its Chimap is written.
     """
     from pathlib import Path
 
-    workflow = pe.Workflow(name=name)
+    entities = {k: v for k, v in scan.entities.items() if v is not None}
+    workflow = declare_unit(
+        pe.Workflow(name=name), kind="scan", name=f"{scan.name}_{scan.suffix}", subject=scan.subject,
+        outputs=[str(derivative_path(".", entities, "Chimap"))],
+    )
     voxels = int(np.prod(shape))
     echoes = len(scan.echo_times)
     multi_echo = echoes > 1
@@ -103,7 +122,8 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
     root = Path(scan.magnitude_files[0]).parents[3 if scan.entities.get("session") else 2]
     writer = pe.Node(WriteScanDerivatives(
         output_dir=str(output_dir),
-        entities={k: v for k, v in scan.entities.items() if v is not None},
+        entities=entities,
+        magnitude=scan.magnitude_files[0],
         source_files=[str(Path(p).relative_to(root)) for p in scan.magnitude_files + scan.phase_files],
         scan_metadata={
             "EchoTime": scan.echo_times,
@@ -115,6 +135,9 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
     # last run, so it always runs; every computing node before it is cached.
     writer.overwrite = True
 
+    outputnode = pe.Node(niu.IdentityInterface(fields=[
+        "chi", "magnitude", "brain_mask", "qsm_mask", "total_field", "local_field", "r2star", "chimap",
+    ]), name="outputnode")
     with_r2star = multi_echo and config["r2star"]["enabled"]
     provenance = pe.Node(niu.Merge(8 if with_r2star else 7), name="collect_provenance", run_without_submitting=True)
 
@@ -142,6 +165,12 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
         (inversion, provenance, [("provenance", "in6")]),
         (reference, provenance, [("provenance", "in7")]),
         (provenance, writer, [("out", "provenance")]),
+        (reference, outputnode, [("chi", "chi")]),
+        (load, outputnode, [("magnitude", "magnitude")]),
+        (mask, outputnode, [("mask", "brain_mask")]),
+        (background, outputnode, [("mask", "qsm_mask"), ("local_field", "local_field")]),
+        (fit, outputnode, [("field_hz", "total_field")]),
+        (writer, outputnode, [("chimap", "chimap")]),
     ])
     if with_r2star:
         r2star = node(R2Star(method=config["r2star"]["method"], echo_times=scan.echo_times), "r2star", "r2star_map")
@@ -150,6 +179,7 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
             (mask, r2star, [("mask", "mask")]),
             (r2star, writer, [("r2star", "r2star")]),
             (r2star, provenance, [("provenance", "in8")]),
+            (r2star, outputnode, [("r2star", "r2star")]),
         ])
     return workflow
 

@@ -1,11 +1,12 @@
-"""Write a scan's derivatives into the BIDS derivatives dataset, atomically and all at once."""
+"""Write derivatives into the BIDS derivatives dataset, atomically: one writer for every level.
+
+:class:`WriteDerivatives` writes any list of files under BIDS names built by
+:func:`qsmflow.bids.derivative_path` (any entity: ``space``, ``atlas``, ``desc``, ``cohort``,
+``tpl``, ``res``, ``from``/``to``/``mode`` ...). :class:`WriteScanDerivatives` is the
+reconstruction's use of it: a scan's maps with the sidecars that state their provenance.
+"""
 from __future__ import annotations
 
-import gzip
-from pathlib import Path
-
-import nibabel as nib
-import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     Directory,
@@ -18,32 +19,55 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..bids import atomic_write_bytes, derivative_path, json_bytes
-
+from ..bids import write_derivative
 
 #: Order of the stages whose provenance the workflow passes to :class:`WriteScanDerivatives`.
 PROVENANCE_STAGES = ("load", "mask", "unwrap", "echoes", "background", "inversion", "reference", "r2star")
 
 
-def nifti_gz_bytes(path) -> bytes:
-    """The image at ``path`` as reproducible ``.nii.gz`` bytes (gzip header without a time)."""
-    image = nib.load(str(path))
-    image = nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header)
-    return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
+class _WriteDerivativesInputSpec(BaseInterfaceInputSpec):
+    output_dir = Directory(mandatory=True, desc="root of the derivatives dataset")
+    in_files = InputMultiObject(File(exists=True), mandatory=True, desc="files to write, in the order of specs")
+    specs = traits.List(traits.Dict, mandatory=True, desc=(
+        "one dict per file: entities (dict), suffix, and optionally extension, datatype (default anat) and "
+        "metadata (the JSON sidecar); written in this order, so the unit's done-marker goes last"))
 
 
-def _write_if_changed(path: Path, data: bytes) -> bool:
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return False
-    atomic_write_bytes(path, data)
-    return True
+class _WriteDerivativesOutputSpec(TraitedSpec):
+    out_files = OutputMultiObject(File(exists=True), desc="the derivatives written, in order")
 
 
-class _WriteInputSpec(BaseInterfaceInputSpec):
+class WriteDerivatives(SimpleInterface):
+    """Write files into the derivatives dataset under BIDS names (:func:`qsmflow.bids.write_derivative`).
+
+    Files are written in the order given, each through a temporary file and a rename, so a
+    file under its final name is complete and, when the last one exists, so are all the
+    others. Files whose content is unchanged are not rewritten. The node should run every time
+    (``node.overwrite = True``): it is cheap and restores outputs deleted since the last run.
+    """
+
+    input_spec = _WriteDerivativesInputSpec
+    output_spec = _WriteDerivativesOutputSpec
+
+    def _run_interface(self, runtime):
+        if len(self.inputs.in_files) != len(self.inputs.specs):
+            raise ValueError(f"{len(self.inputs.in_files)} files for {len(self.inputs.specs)} derivative specs")
+        written = []
+        for source, spec in zip(self.inputs.in_files, self.inputs.specs):
+            written.append(str(write_derivative(
+                self.inputs.output_dir, source, spec["entities"], spec["suffix"], extension=spec.get("extension"),
+                datatype=spec.get("datatype", "anat"), metadata=spec.get("metadata"),
+            )))
+        self._results["out_files"] = written
+        return runtime
+
+
+class _WriteScanInputSpec(BaseInterfaceInputSpec):
     output_dir = Directory(mandatory=True, desc="root of the derivatives dataset")
     entities = traits.Dict(mandatory=True, desc="BIDS entities of the scan (subject, session, ...)")
     source_files = InputMultiObject(traits.Str, mandatory=True, desc="input images, relative to the BIDS root")
     scan_metadata = traits.Dict(value={}, usedefault=True, desc="echo times, field strength, ...")
+    magnitude = File(exists=True, mandatory=True, desc="first-echo magnitude (raw input), for the field maps")
     chi = File(exists=True, mandatory=True)
     brain_mask = File(exists=True, mandatory=True)
     qsm_mask = File(exists=True, mandatory=True)
@@ -53,21 +77,22 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     provenance = traits.List(traits.Dict, mandatory=True, desc="provenance of each stage, in PROVENANCE_STAGES order")
 
 
-class _WriteOutputSpec(TraitedSpec):
+class _WriteScanOutputSpec(TraitedSpec):
     out_files = OutputMultiObject(File(exists=True))
     chimap = File(exists=True)
 
 
 class WriteScanDerivatives(SimpleInterface):
-    """Copy a finished scan's maps into the derivatives dataset with JSON sidecars.
+    """Write a finished scan's maps into the derivatives dataset with JSON sidecars.
 
-    All maps of one scan are written only once every stage has succeeded, each through a
-    temporary file and a rename, the Chimap last: a Chimap under its final name means the
-    scan is complete. Files whose content is unchanged are left untouched.
+    ``anat/``: Chimap, R2*map, brain and QSM masks; ``fmap/``: the total (Hz) and local (ppm)
+    field maps with the first-echo magnitude they belong to (BIDS requires a field map's
+    magnitude). All are written only once every stage has succeeded, the Chimap last: a Chimap
+    under its final name means the scan is complete.
     """
 
-    input_spec = _WriteInputSpec
-    output_spec = _WriteOutputSpec
+    input_spec = _WriteScanInputSpec
+    output_spec = _WriteScanOutputSpec
 
     def _run_interface(self, runtime):
         provenance = dict(zip(PROVENANCE_STAGES, self.inputs.provenance))
@@ -76,29 +101,36 @@ class WriteScanDerivatives(SimpleInterface):
             **self.inputs.scan_metadata,
         }
         outputs = [
-            (self.inputs.brain_mask, "mask", "brain", {"Type": "Brain", "Units": "arbitrary", "Masking": provenance.get("mask")}),
-            (self.inputs.qsm_mask, "mask", "qsm", {
+            (self.inputs.brain_mask, "mask", "anat", {"desc": "brain"}, {
+                "Type": "Brain", "Units": "arbitrary", "Masking": provenance.get("mask")}),
+            (self.inputs.qsm_mask, "mask", "anat", {"desc": "qsm"}, {
                 "Type": "Brain",
                 "Units": "arbitrary",
                 "Description": "voxels where the local field and Chimap are valid (brain mask after background removal)",
                 "BackgroundFieldRemoval": provenance.get("background"),
             }),
-            (self.inputs.total_field, "fieldmap", "total", {
+            (self.inputs.magnitude, "magnitude", "fmap", {}, {
+                "Units": "arbitrary",
+                "Description": "first-echo magnitude of the scan, as acquired",
+                "EchoTime": (self.inputs.scan_metadata.get("EchoTime") or [None])[0],
+            }),
+            (self.inputs.total_field, "fieldmap", "fmap", {"desc": "total"}, {
                 "Units": "Hz",
                 "Description": "total field offset from the multi-echo phase (background not removed)",
                 "PhaseInput": provenance.get("load"),
                 "PhaseUnwrapping": provenance.get("unwrap"),
                 "EchoCombination": provenance.get("echoes"),
             }),
-            (self.inputs.local_field, "fieldmap", "local", {
+            (self.inputs.local_field, "fieldmap", "fmap", {"desc": "local"}, {
                 "Units": "ppm",
                 "Description": "local (tissue) field in ppm of B0, after background field removal",
                 "BackgroundFieldRemoval": provenance.get("background"),
             }),
         ]
         if isdefined(self.inputs.r2star):
-            outputs.append((self.inputs.r2star, "R2starmap", None, {"Units": "1/s", "R2starFit": provenance.get("r2star")}))
-        outputs.append((self.inputs.chi, "Chimap", None, {
+            outputs.append((self.inputs.r2star, "R2starmap", "anat", {}, {
+                "Units": "1/s", "R2starFit": provenance.get("r2star")}))
+        outputs.append((self.inputs.chi, "Chimap", "anat", {}, {
             "Units": "ppm",
             "Description": "magnetic susceptibility (QSM)",
             "PhaseInput": provenance.get("load"),
@@ -110,11 +142,10 @@ class WriteScanDerivatives(SimpleInterface):
             "SusceptibilityReference": provenance.get("reference"),
         }))
         written = []
-        for source, suffix, desc, sidecar in outputs:
-            target = derivative_path(self.inputs.output_dir, self.inputs.entities, suffix, desc=desc)
+        for source, suffix, datatype, extra_entities, sidecar in outputs:
             metadata = {**common, **{k: v for k, v in sidecar.items() if v is not None}}
-            _write_if_changed(target.with_name(target.name.replace(".nii.gz", ".json")), json_bytes(metadata))
-            _write_if_changed(target, nifti_gz_bytes(source))
+            target = write_derivative(self.inputs.output_dir, source, {**self.inputs.entities, **extra_entities}, suffix,
+                                      datatype=datatype, metadata=metadata)
             written.append(str(target))
         self._results["out_files"] = written
         self._results["chimap"] = written[-1]
