@@ -48,3 +48,21 @@ def bids_root(tmp_path):
 def tree_digest(root: Path) -> dict:
     """SHA-256 of every file under ``root`` (to prove an input was not modified)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def bids_validator_errors(dataset: Path) -> list[str]:
+    """Errors the official BIDS validator (``bids-validator-deno``, offline) reports for ``dataset``,
+    one ``CODE location`` line each (warnings are left out). Fails the test when the validator
+    cannot run: it is a test requirement (``pip install -e '.[test]'``)."""
+    import shutil
+    import subprocess
+    import sys
+
+    validator = shutil.which("bids-validator-deno") or str(Path(sys.executable).parent / "bids-validator-deno")
+    run = subprocess.run([validator, str(dataset), "--format", "json"], capture_output=True, text=True, timeout=600)
+    try:
+        report = json.loads(run.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"bids-validator-deno did not report on {dataset} (exit {run.returncode}): {run.stderr[-2000:]}")
+    return [f"{issue['code']} {issue.get('location', '')} {issue.get('issueMessage', '')[:200]}".strip()
+            for issue in report["issues"]["issues"] if issue["severity"] == "error"]
