@@ -90,6 +90,7 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
         magnitude_files=scan.magnitude_files,
         phase_files=scan.phase_files,
         phase_units=config["input"]["phase_units"],
+        phase_sign=config["input"]["phase_sign"],
     ), "load", "load_echoes")
 
     mask = node(BrainMask(method=config["mask"]["method"], parameters=method_parameters(config, "mask") if config["mask"]["method"] != "file" else {}), "mask", "brain_mask")

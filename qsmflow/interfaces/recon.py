@@ -38,17 +38,24 @@ class _ProvenanceOutputSpec(TraitedSpec):
 class _LoadEchoesInputSpec(BaseInterfaceInputSpec):
     magnitude_files = InputMultiObject(File(exists=True), mandatory=True, desc="magnitude, one file per echo")
     phase_files = InputMultiObject(File(exists=True), mandatory=True, desc="phase, one file per echo")
-    phase_units = traits.Enum("auto", "radians", "integer", usedefault=True)
+    phase_units = traits.Enum(*units.PHASE_UNITS, usedefault=True,
+                              desc="phase convention (qsmflow.recon.units.PHASE_CONVENTIONS) or auto (detected)")
+    phase_sign = traits.Enum(1, -1, usedefault=True, desc="-1 for scanners whose phase runs the other way")
 
 
 class _LoadEchoesOutputSpec(TraitedSpec):
     magnitude = File(exists=True, desc="4-D magnitude (echoes last), float32")
     phase = File(exists=True, desc="4-D wrapped phase in radians, float32")
-    provenance = traits.Dict(desc="detected phase units and rescaling")
+    provenance = traits.Dict(desc="phase convention (detected or configured), rescaling and sign")
 
 
 class LoadEchoes(SimpleInterface):
-    """Stack a scan's echoes into 4-D magnitude and phase, checking data and phase units."""
+    """Stack a scan's echoes into 4-D magnitude and phase, checking data and phase units.
+
+    The phase convention is detected from the range of all echoes together (one rescaling for
+    the scan, so an echo that happens to span less than the others is scaled alike), or checked
+    against ``phase_units``; see :mod:`qsmflow.recon.units`.
+    """
 
     input_spec = _LoadEchoesInputSpec
     output_spec = _LoadEchoesOutputSpec
@@ -61,42 +68,42 @@ class LoadEchoes(SimpleInterface):
             _check_volume(path, data, reference)
             reference = reference or image
             magnitudes.append(data)
-        detected = []
+        summaries = []
         for path in self.inputs.phase_files:
             data, _ = load_volume(path)
             _check_volume(path, data, reference)
-            try:
-                found = units.detect_phase_units(data)
-            except ValueError as error:
-                raise ValueError(f"{path}: {error}") from None
-            if self.inputs.phase_units != "auto" and found["units"] != self.inputs.phase_units:
-                raise ValueError(
-                    f"{path}: phase values span {found['minimum']:.4g}..{found['maximum']:.4g}, "
-                    f"not {self.inputs.phase_units} as configured"
-                )
-            if detected and found["units"] != detected[0]["units"]:
-                raise ValueError(
-                    f"{path}: phase in {found['units']} units, but {self.inputs.phase_files[0]} is in "
-                    f"{detected[0]['units']} units; all echoes of a scan must use the same"
-                )
-            detected.append(found)
+            summary = units.phase_summary(data)
+            kind = "integer" if summary["integer"] and max(-summary["minimum"], summary["maximum"]) > 2 * np.pi else "radians"
+            if summaries and kind != summaries[0]["kind"]:
+                raise ValueError(f"{path}: phase in {kind} units, but {self.inputs.phase_files[0]} is in "
+                                 f"{summaries[0]['kind']} units; all echoes of a scan must use the same")
+            summaries.append({**summary, "kind": kind})
             phases.append(data)
-        if detected[0]["units"] == "integer":
-            # One integer range for all echoes, from their joint extremes: an echo whose phase
-            # happens to span less than the scanner's range must not be scaled differently.
-            extremes = np.array([min(d["minimum"] for d in detected), max(d["maximum"] for d in detected)], np.float32)
-            joint_range = units.detect_phase_units(extremes)["integer_range"]
-            detected = [{**found, "integer_range": joint_range} for found in detected]
-        for index, found in enumerate(detected):
-            phases[index] = units.phase_to_radians(phases[index], found)
+        low, high = min(s["minimum"] for s in summaries), max(s["maximum"] for s in summaries)
+        first = self.inputs.phase_files[0]
+        scan_files = first if len(phases) == 1 else f"{first} (and the scan's other echoes)"
+        try:
+            if self.inputs.phase_units == "auto":
+                convention = units.detect_phase_convention(low, high, all(s["integer"] for s in summaries))
+            else:
+                convention = units.PHASE_CONVENTIONS[self.inputs.phase_units]
+                units.check_phase_convention(convention, low, high)
+        except ValueError as error:
+            raise ValueError(f"{scan_files}: {error}") from None
+        sign = int(self.inputs.phase_sign)
+        phases = [units.phase_to_radians(phase, convention, sign=sign) for phase in phases]
         report = {
-            "PhaseUnits": detected[0]["units"],
-            "PhaseRange": [min(d["minimum"] for d in detected), max(d["maximum"] for d in detected)],
+            "PhaseUnits": convention.name,
+            "PhaseUnitsDetected": self.inputs.phase_units == "auto",
+            "PhaseConvention": convention.description,
+            "PhaseRange": [low, high],
+            "PhaseRescaling": convention.rescaling(),
+            "PhaseSign": sign,
         }
-        if detected[0]["units"] == "integer":
-            low, high = (float(v) for v in detected[0]["integer_range"])
-            report["PhaseIntegerRange"] = [low, high]
-            report["PhaseRescaling"] = f"scanner integers {low:g}..{high:g} mapped linearly onto [-pi, pi) radians"
+        if len(phases) == 1:
+            report["PhaseOffset"] = ("not removed: a single echo cannot separate the phase offset at TE = 0 "
+                                     "from the field, so the field map holds offset / (2 pi TE); background "
+                                     "removal takes away its smooth part only")
         self._results["magnitude"] = save_like(np.stack(magnitudes, axis=-1), reference, "magnitude.nii")
         self._results["phase"] = save_like(np.stack(phases, axis=-1), reference, "phase.nii")
         self._results["provenance"] = report

@@ -1,0 +1,104 @@
+"""Report workflows: the participant report joins every scan of a subject."""
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from qsmflow.interfaces.reports import PublishReport, SubjectReport
+from qsmflow.workunits import declare_unit
+
+#: Per-scan inputs of the subject report that every scan has (from the reconstruction).
+RECON_FIELDS = ("magnitude", "brain_mask", "qsm_mask", "chimap")
+#: Per-scan inputs that exist only when segmentation runs.
+SEGMENTATION_FIELDS = ("dseg", "dseg_tsv", "roistats", "template")
+
+
+def scan_input(field: str, index: int) -> str:
+    """Name of the report workflow's ``inputnode`` field for scan ``index``'s ``field``."""
+    return f"{field}_{index}"
+
+
+def init_subject_report_wf(subject: str, scan_names, output_dir, config: dict | None = None, *, segmentation: bool = False,
+                           orientation: str = "radiological", chi_window: float = 0.15, mem_gb: float = 1.0,
+                           name: str = "subject_report_wf"):
+    """Write ``OUTPUT_DIR/sub-<subject>.html`` with a section per scan of the subject.
+
+    Parameters
+    ----------
+    subject : str
+        Participant label (without ``sub-``).
+    scan_names : list of str
+        Every scan of the subject (all sessions), as BIDS prefix and suffix
+        (``sub-01_ses-1_MEGRE``), in the order of the ``inputnode`` indices.
+    output_dir : path
+        Root of the derivatives dataset.
+    config : dict, optional
+        Configuration used (shown in the footer).
+    segmentation : bool
+        Whether the scans have segmentation outputs (``dseg``, ``dseg_tsv``, ``roistats``,
+        ``template``); without it the page states that segmentation did not run.
+    mem_gb : float
+        Memory of the rendering node (a few copies of one scan's volumes and matplotlib).
+
+    Inputs (``inputnode``), for each scan index ``i`` (:func:`scan_input`)
+    -----------------------------------------------------------------------
+    magnitude_i, brain_mask_i, qsm_mask_i, chimap_i
+        From the scan's reconstruction (:func:`init_scan_qsm_wf` ``outputnode``; the Chimap is
+        the written derivative, whose JSON sidecar gives the methods shown).
+    dseg_i, dseg_tsv_i, roistats_i, template_i
+        With ``segmentation``: labels and their table in the scan's grid, the ROI statistics
+        and the template warped into the scan's grid (``""`` for a scan without them).
+
+    Outputs (``outputnode``)
+    ------------------------
+    out_report
+        The written page in OUTPUT_DIR.
+
+    The rendering node is cached (it reruns when any input's content changes, e.g. after an
+    ROI-statistics option changed); the publishing node always runs, rewrites nothing unchanged
+    and writes the page after its figures. The workflow belongs to the subject's unit of work,
+    done when the page exists.
+    """
+    scan_names = list(scan_names)
+    if not scan_names:
+        raise ValueError(f"sub-{subject}: a report needs at least one scan")
+    fields = RECON_FIELDS + (SEGMENTATION_FIELDS if segmentation else ())
+    workflow = declare_unit(pe.Workflow(name=name), kind="subject", name=f"sub-{subject}", subject=subject,
+                            outputs=[f"sub-{subject}.html"])
+    inputnode = pe.Node(niu.IdentityInterface(fields=[scan_input(f, i) for f in fields for i in range(len(scan_names))]),
+                        name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["out_report"]), name="outputnode")
+    report = pe.Node(SubjectReport(subject=subject, scan_names=scan_names, orientation=orientation, chi_window=chi_window),
+                     name="subject_report", mem_gb=mem_gb, n_procs=1)
+    if config is not None:
+        report.inputs.config = config
+    publish = pe.Node(PublishReport(output_dir=str(output_dir)), name="publish_report", mem_gb=0.2, n_procs=1)
+    publish.overwrite = True
+    for field in fields:
+        merge = pe.Node(niu.Merge(len(scan_names)), name=f"merge_{field}", run_without_submitting=True)
+        workflow.connect([(inputnode, merge, [(scan_input(field, i), f"in{i + 1}") for i in range(len(scan_names))]),
+                          (merge, report, [("out", field)])])
+    workflow.connect([
+        (report, publish, [("report_dir", "report_dir")]),
+        (publish, outputnode, [(("out_files", _page), "out_report")]),
+    ])
+    return workflow
+
+
+def _page(out_files):
+    return [path for path in out_files if path.endswith(".html")][-1]
+
+
+def connect_scan(workflow, report_wf, index: int, recon_wf, segmentation_wf=None, *, segmentation_fields=None) -> None:
+    """Connect scan ``index``'s reconstruction (and segmentation) outputnodes to ``report_wf``.
+
+    ``workflow`` contains both (e.g. the subject's workflow). ``segmentation_fields`` maps the
+    report's segmentation fields (:data:`SEGMENTATION_FIELDS`) to the segmentation outputnode's
+    names when they differ.
+    """
+    for field in RECON_FIELDS:
+        workflow.connect(recon_wf, f"outputnode.{field}", report_wf, f"inputnode.{scan_input(field, index)}")
+    if segmentation_wf is not None:
+        names = {field: field for field in SEGMENTATION_FIELDS} | dict(segmentation_fields or {})
+        for field in SEGMENTATION_FIELDS:
+            workflow.connect(segmentation_wf, f"outputnode.{names[field]}", report_wf, f"inputnode.{scan_input(field, index)}")
