@@ -1,5 +1,7 @@
 import json
+import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -113,3 +115,43 @@ def test_derivative_names_and_description(tmp_path):
     description = json.loads(write_dataset_description(tmp_path).read_text())
     assert description["DatasetType"] == "derivative"
     assert description["GeneratedBy"][0]["Name"] == "qsmflow" and description["GeneratedBy"][0]["Version"]
+
+
+def test_derivative_path_orders_any_bids_entity_as_the_schema_does(tmp_path):
+    xfm = derivative_path(tmp_path, {"subject": "01", "session": "2", "run": "1"}, "xfm", extension=".h5",
+                          **{"from": "MNI152NLin2009aSym", "to": "scanner", "mode": "image"})
+    assert xfm == tmp_path / "sub-01/ses-2/anat/sub-01_ses-2_run-1_from-MNI152NLin2009aSym_to-scanner_mode-image_xfm.h5"
+    chimap = derivative_path(tmp_path, {"sub": "01", "desc": "cosmos", "space": "MNI152NLin2009aSym", "res": "2"}, "Chimap")
+    assert chimap.name == "sub-01_space-MNI152NLin2009aSym_res-2_desc-cosmos_Chimap.nii.gz"
+    dseg = derivative_path(tmp_path, {"subject": "01", "atlas": "qsmflow", "hemi": "L"}, "dseg", extension=".tsv")
+    assert dseg.name == "sub-01_hemi-L_atlas-qsmflow_dseg.tsv"
+    # templates as TemplateFlow lays them out: no datatype folder, cohort folders
+    band = derivative_path(tmp_path / "atlas", {"tpl": "qsmflowLifespan", "cohort": "2", "res": "2"}, "Chimap")
+    assert band == tmp_path / "atlas/tpl-qsmflowLifespan/cohort-2/tpl-qsmflowLifespan_cohort-2_res-2_Chimap.nii.gz"
+    assert derivative_path(tmp_path, {"template": "X", "desc": "brain"}, "mask").name == "tpl-X_desc-brain_mask.nii.gz"
+    with pytest.raises(ValueError, match="'colour' is not a BIDS entity"):
+        derivative_path(tmp_path, {"subject": "01", "colour": "red"}, "Chimap")
+    with pytest.raises(ValueError, match="not a BIDS label"):
+        derivative_path(tmp_path, {"subject": "01", "desc": "two words"}, "Chimap")
+    with pytest.raises(ValueError, match="needs a subject or a template"):
+        derivative_path(tmp_path, {"desc": "x"}, "Chimap")
+
+
+def test_write_derivative_is_atomic_reproducible_and_leaves_unchanged_files(tmp_path):
+    from qsmflow.bids import write_derivative
+
+    image = tmp_path / "x.nii"
+    nib.save(nib.Nifti1Image(np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.eye(4)), image)
+    out = tmp_path / "out"
+    first = write_derivative(out, image, {"subject": "01"}, "Chimap", metadata={"Units": "ppm"})
+    assert first.name == "sub-01_Chimap.nii.gz" and json.loads(first.with_name("sub-01_Chimap.json").read_text()) == {"Units": "ppm"}
+    stamp = first.stat().st_mtime_ns
+    data = first.read_bytes()
+    time.sleep(0.01)
+    nib.save(nib.Nifti1Image(np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.eye(4)), image)  # same content, new file
+    assert write_derivative(out, image, {"subject": "01"}, "Chimap", metadata={"Units": "ppm"}).read_bytes() == data
+    assert first.stat().st_mtime_ns == stamp  # unchanged: not rewritten
+    table = tmp_path / "stats.tsv"
+    table.write_text("roi\tmean\nPU\t0.1\n")
+    written = write_derivative(out, table, {"subject": "01", "atlas": "qsmflow"}, "roistats", extension=".tsv")
+    assert written.read_text() == table.read_text() and not list(out.rglob("*.tmp"))
