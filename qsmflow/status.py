@@ -229,7 +229,24 @@ def cohort_status(work_dir, output_dir=None) -> list[UnitStatus]:
                 status.state = "running"
                 status.node = ", ".join(node.rsplit(".", 1)[-1] for node, (state, _) in states.items() if state == "started")
         statuses.append(status)
+    _wait_for_upstream(statuses, records)
     return statuses
+
+
+def _wait_for_upstream(statuses: list[UnitStatus], records: list[dict]) -> None:
+    """A unit whose inputs come from units that are not done (e.g. a group fit after a scan that
+    failed on rerun) is pending, whatever its own outputs say: they are out of date."""
+    by_name = {status.name: status for status in statuses}
+    after = {record["name"]: record.get("after", []) for record in records}
+    changed = True
+    while changed:
+        changed = False
+        for status in statuses:
+            if status.state == "done" and any(by_name.get(name) is not None and by_name[name].state != "done"
+                                              for name in after.get(status.name, [])):
+                status.state, status.output = "pending", ""
+                status.reason = "waits for " + ", ".join(n for n in after[status.name] if by_name[n].state != "done")
+                changed = True
 
 
 def _count_label(statuses) -> str:
@@ -250,6 +267,8 @@ def format_status(statuses: list[UnitStatus], run: dict | None = None) -> str:
             detail = f"{s.node}: {s.reason}" + (f"  [{s.crash_file}]" if s.crash_file else "")
         elif s.state == "running":
             detail = f"running {s.node}"
+        elif s.reason:
+            detail = s.reason
         else:
             detail = "not started" if s.nodes_done == 0 else "stopped part-way; rerun to resume"
         rows.append((s.name, s.state, f"{s.nodes_done}/{s.nodes_total}" if s.nodes_total else "-", detail))

@@ -37,6 +37,9 @@ class WorkUnit:
     nodes : list of str
         Its nodes, as dotted names relative to the top workflow
         (``Workflow.list_node_names()`` form, e.g. ``sub_01_wf.sub_01_MEGRE_wf.load_echoes``).
+    after : list of str
+        Names of the units whose results it consumes (a group fit after every scan's ROI table):
+        it is done only when they are.
     """
 
     kind: str
@@ -44,6 +47,7 @@ class WorkUnit:
     subject: str | None = None
     outputs: list = field(default_factory=list)
     nodes: list = field(default_factory=list)
+    after: list = field(default_factory=list)
 
     @property
     def owner(self) -> str:
@@ -53,7 +57,7 @@ class WorkUnit:
     def record(self) -> dict:
         """The unit as the JSON record :mod:`qsmflow.status` keeps."""
         return {"kind": self.kind, "name": self.name, "subject": self.subject, "outputs": list(self.outputs),
-                "nodes": list(self.nodes)}
+                "nodes": list(self.nodes), "after": list(self.after)}
 
 
 def declare_unit(target, *, kind: str, name: str, subject: str | None = None, outputs=()):
@@ -114,7 +118,24 @@ def collect_units(workflow, *, default_kind: str = "run") -> list[WorkUnit]:
     found = [unit for unit in units.values() if unit.nodes]  # e.g. a subject with no steps of its own
     if orphans.nodes:
         found.append(orphans)
+    _add_dependencies(workflow, found)
     return found
+
+
+def _add_dependencies(workflow, units: list[WorkUnit]) -> None:
+    """Fill each unit's ``after`` from the connections between nodes of different units, read
+    from the graph nipype itself runs (``Workflow._create_flat_graph``)."""
+    owner = {node: unit for unit in units for node in unit.nodes}
+    top = workflow.name + "."
+
+    def relative(node) -> str:
+        name = f"{node._hierarchy}.{node.name}" if node._hierarchy else node.name
+        return name[len(top):] if name.startswith(top) else name
+
+    for source, target in workflow._create_flat_graph().edges():
+        before, after = owner.get(relative(source)), owner.get(relative(target))
+        if before is not None and after is not None and before is not after and before.name not in after.after:
+            after.after.append(before.name)
 
 
 def _removed_before_running(node) -> bool:

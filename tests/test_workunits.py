@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -12,15 +13,15 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from qsmflow import cli, levels
-from qsmflow.status import cohort_status, format_status
+from qsmflow.status import cohort_status, format_status, main_status
 from qsmflow.workunits import collect_units, declare_unit, unit_of_node
 
 
-def _value(subject, output_dir):
+def _value(subject, output_dir, broken=False):
     """Toy per-subject step: write the subject's value (its label as a number)."""
     from pathlib import Path
 
-    if subject == "13":
+    if subject == "13" or broken:
         raise ValueError(f"subject {subject}: unlucky input")
     path = Path(output_dir) / f"sub-{subject}" / "toy" / f"sub-{subject}_value.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,9 +52,10 @@ def toy_level(bids_dir, output_dir, config, participant_labels=()):
     for index, subject in enumerate(subjects, start=1):
         subject_wf = declare_unit(pe.Workflow(name=f"s{subject}_wf"), kind="value", name=f"value-{subject}",
                                   subject=subject, outputs=[f"sub-{subject}/toy/sub-{subject}_value.txt"])
-        node = pe.Node(niu.Function(function=_value, input_names=["subject", "output_dir"], output_names=["out"]),
+        node = pe.Node(niu.Function(function=_value, input_names=["subject", "output_dir", "broken"], output_names=["out"]),
                        name="compute_value")
         node.inputs.subject, node.inputs.output_dir = subject, str(output_dir)
+        node.inputs.broken = subject in os.environ.get("TOY_BROKEN", "").split()
         subject_wf.add_nodes([node])
         workflow.connect(subject_wf, "compute_value.out", group_wf, f"gather.in{index}")
     return levels.LevelPlan(workflow=workflow, noun="value")
@@ -77,6 +79,7 @@ def test_collect_units_assigns_every_node_to_its_innermost_unit():
     assert units["value-01"].nodes == ["s01_wf.compute_value"] and units["value-01"].subject == "01"
     assert sorted(units["group-sum"].nodes) == ["group_wf.gather", "group_wf.sum_values"]
     assert units["group-sum"].subject is None and units["group-sum"].owner == "group-sum"
+    assert sorted(units["group-sum"].after) == ["value-01", "value-02"] and units["value-01"].after == []
     assert unit_of_node(list(units.values()), "toy_wf.s02_wf.compute_value").name == "value-02"
     assert unit_of_node(list(units.values()), "toy_wf.elsewhere") is None
 
@@ -151,3 +154,29 @@ def test_status_does_not_count_outputs_of_an_earlier_configuration(toy, tmp_path
     states = {s.name: s.state for s in cohort_status(work)}
     assert states["value-01"] == "pending" and states["value-02"] == "done"
     assert Path(out / "sub-01" / "toy" / "sub-01_value.txt").is_file()
+
+
+def test_status_after_a_failed_rerun_with_new_settings_is_failed_not_done(toy, tmp_path, monkeypatch, capsys):
+    out, work = tmp_path / "out", tmp_path / "work"
+    arguments = [str(toy), str(out), "toy", "--participant-label", "01", "02", "--work-dir", str(work), "--plugin",
+                 "Linear", "--progress", "off"]
+    assert cli.main(arguments) == 0
+    monkeypatch.setenv("TOY_BROKEN", "02")  # new inputs for sub-02's step, which now fails
+    assert cli.main(arguments) == 1
+    assert (out / "sub-02" / "toy" / "sub-02_value.txt").is_file()  # the first run's output is still there
+    states = {s.name: s for s in cohort_status(work)}
+    assert {name: s.state for name, s in states.items()} == {"value-01": "done", "value-02": "failed", "group-sum": "pending"}
+    assert states["group-sum"].reason == "waits for value-02"  # its output is from the first run
+
+
+def test_status_finds_outputs_where_the_run_wrote_them(toy, tmp_path, capsys):
+    """As `qsmflow status DEMO/work DEMO` for the demo, whose derivatives are in DEMO/derivatives/qsmflow."""
+    out, work = tmp_path / "derivatives" / "qsmflow", tmp_path / "work"
+    assert cli.main([str(toy), str(out), "toy", "--work-dir", str(work), "--plugin", "Linear", "--progress", "off"]) == 0
+    capsys.readouterr()
+    assert main_status(work, tmp_path) == 0
+    printed = capsys.readouterr().out
+    assert f"the run wrote its outputs to {out}" in printed
+    assert "3 done, 0 failed, 0 running, 0 pending" in printed
+    assert main_status(work) == 0 and "3 done" in capsys.readouterr().out
+    assert main_status(tmp_path / "empty") == 1
