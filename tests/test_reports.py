@@ -253,3 +253,19 @@ def test_subject_report_workflow_joins_scans_and_declares_the_subject_unit(subje
     page = output_dir / "sub-01.html"
     assert page.is_file() and "Segmentation was not run" in page.read_text()
     assert len(list((output_dir / "sub-01" / "figures").glob("*.png"))) == 6
+
+    # A rerun with unchanged inputs reuses the cached rendering and restores a deleted page;
+    # new ROI statistics (same path, new content) rerun the rendering.
+    rendered = next((tmp_path / "work").rglob("subject_report/report/sub-01.html"))
+    rendered_time = rendered.stat().st_mtime_ns
+    page.unlink()
+    top.run(plugin="Linear")
+    assert page.is_file() and rendered.stat().st_mtime_ns == rendered_time
+    roistats = Path(scans[0].roistats)
+    original = roistats.read_text()
+    try:
+        roistats.write_text(original.replace("\tbrain\n", "\tCSF of the lateral ventricles\n"))
+        top.run(plugin="Linear")
+    finally:
+        roistats.write_text(original)
+    assert "CSF of the lateral ventricles" in page.read_text()
