@@ -96,8 +96,10 @@ class _MaskedPoisson:
 
     D holds forward differences divided by the voxel size; W keeps only the differences
     between two voxels inside the mask (Neumann condition on the mask boundary); g holds the
-    wrapped differences of the phase. The preconditioner is the periodic FFT inverse of the
-    unweighted operator, i.e. the classical Laplacian unwrapping solve.
+    wrapped differences of the phase. D^T W D is positive semi-definite (minus the masked
+    Laplacian). The preconditioner is the periodic FFT inverse of the unweighted D^T D
+    (minus the inverse of the Laplacian's spectrum), i.e. the classical Laplacian unwrapping
+    solve, so that ``precondition(right_hand_side(phase))`` is that solution, not its negative.
     """
 
     def __init__(self, mask, voxel_size):
@@ -116,18 +118,19 @@ class _MaskedPoisson:
         self.inverse_kernel = np.float32(-1.0) / kernel
         self.inverse_kernel[0, 0, 0] = 0.0
 
-    def _divergence(self, differences):
+    def _adjoint_difference(self, differences):
+        """D^T of per-axis differences (minus their divergence)."""
         out = np.zeros(self.shape, np.float32)
         for (lower, upper, _), flux in zip(self.edge_weights, differences):
             out[lower] -= flux
             out[upper] += flux
-        return -out
+        return out
 
     def apply(self, u):
-        return self._divergence([(u[upper] - u[lower]) * w for lower, upper, w in self.edge_weights])
+        return self._adjoint_difference([(u[upper] - u[lower]) * w for lower, upper, w in self.edge_weights])
 
     def right_hand_side(self, wrapped_phase):
-        return self._divergence(
+        return self._adjoint_difference(
             [
                 _wrap(wrapped_phase[upper] - wrapped_phase[lower]) * w
                 for lower, upper, w in self.edge_weights
