@@ -148,10 +148,32 @@ def test_harmonic_field_alone_is_removed():
 
 
 def test_pdf_weight_is_used_and_validated(head):
-    weight = np.ones(head["mask"].shape, np.float32)
-    unweighted, _ = pdf(head["total"], head["mask"], head["voxel_size"])
-    scaled, _ = pdf(head["total"], head["mask"], head["voxel_size"], weight=3 * weight)  # normalised away
+    """A zero weight on corrupted voxels keeps them out of the fit; ignoring it would not.
+
+    88 voxels at the mask edge get +2 ppm (an unwrapping error, a vessel): unweighted, PDF's
+    background fit spreads the error (NRMSE 265 % away from the blob, measured); weighted zero
+    there, the local field elsewhere is that of the clean field (31.4 %, within 0.002 ppm).
+    """
+    mask = head["mask"]
+    weight = np.ones(mask.shape, np.float32)
+    unweighted, _ = pdf(head["total"], mask, head["voxel_size"])
+    scaled, _ = pdf(head["total"], mask, head["voxel_size"], weight=3 * weight)  # normalised away
     np.testing.assert_allclose(scaled, unweighted, atol=1e-5)
+    edge = np.argwhere(mask & ~ndi.binary_erosion(mask, iterations=3))
+    centre = edge[len(edge) // 3]
+    blob = np.zeros(mask.shape, bool)
+    blob[tuple(slice(max(c - 2, 0), c + 3) for c in centre)] = True
+    blob &= mask
+    corrupted = head["total"].copy()
+    corrupted[blob] += 2.0
+    weight[blob] = 0.0
+    ignored, _ = pdf(corrupted, mask, head["voxel_size"])
+    weighted, _ = pdf(corrupted, mask, head["voxel_size"], weight=weight)
+    away = mask & ~ndi.binary_dilation(blob, iterations=2)
+    assert np.abs(weighted - unweighted)[away].max() < 0.01
+    assert np.abs(ignored - unweighted)[away].max() > 0.1
+    assert nrmse(weighted, head["local"], away) < nrmse(unweighted, head["local"], away) + 1.0
+    assert nrmse(ignored, head["local"], away) > 100
     with pytest.raises(ValueError):
         pdf(head["total"], head["mask"], head["voxel_size"], weight=np.ones((4, 4, 4)))
     with pytest.raises(ValueError):
