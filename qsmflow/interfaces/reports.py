@@ -15,7 +15,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..bids import atomic_write_bytes
+from ..bids import write_if_changed
 
 _OPTIONAL = "path per scan, or an empty string for a scan without it; undefined when no scan has it"
 
@@ -110,9 +110,7 @@ class PublishReport(SimpleInterface):
         written = []
         for path in files:
             target = Path(self.inputs.output_dir) / path.relative_to(source)
-            data = path.read_bytes()
-            if not (target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data):
-                atomic_write_bytes(target, data)
+            write_if_changed(target, path.read_bytes())
             written.append(str(target))
         self._results["out_files"] = written
         return runtime

@@ -74,15 +74,16 @@ class ScanReportFiles:
 
 
 def _load(path, role: str, scan: str, *, shape=None):
-    import nibabel as nib
+    from ..interfaces.base import load_volume
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: the {role} of scan {scan} does not exist")
     try:
-        image = nib.load(str(path))
-        data = np.asarray(image.dataobj, dtype=np.float32)
-    except Exception as error:  # nibabel raises several types for unreadable files
+        data, image = load_volume(path)
+    except ValueError as error:
+        raise ValueError(f"{error} (the {role} of scan {scan})") from None
+    except Exception as error:  # nibabel raises several types for unreadable headers
         raise ValueError(f"{path}: cannot read the {role} of scan {scan} ({type(error).__name__}: {error})") from None
     if shape is not None and data.shape[:3] != tuple(shape):
         raise ValueError(f"{path}: the {role} of scan {scan} has shape {data.shape[:3]}, the Chimap {tuple(shape)}")
