@@ -293,7 +293,9 @@ def plot_slices(
     contour_entries = [(layer.label, layer.colour, "line") for layer in layers if isinstance(layer, ContourLayer) and layer.label]
     entries = contour_entries + [(label, colour, "patch") for label, colour in (legend or [])]
     figure_width = label_width + max(widths) + 0.15
-    legend_columns = max(1, min(len(entries), int(figure_width // 1.9))) if entries else 1
+    # a legend column is about 0.45 in of handle and spacing plus 0.075 in per character at 9 pt
+    column_width = 0.45 + 0.075 * max((len(label) for label, _, _ in entries), default=0)
+    legend_columns = max(1, min(len(entries), int((figure_width - 0.2) // column_width))) if entries else 1
     legend_height = 0.21 * int(np.ceil(len(entries) / legend_columns)) + 0.1 if entries else 0.0
     bar_height = 0.75 if colour_bar else 0.0
     title_height = 0.35 if title else 0.0
