@@ -83,6 +83,8 @@ PINNED = [
      "cluster.py _QsubMixin._submit_batchtask calls it with qsub_args in node.plugin_args (LOGNAME)"),
     ("nipype.pipeline.plugins.tools", "create_pyscript", "(node, updatehash=False, store_exception=True)",
      "754b2b96aa57d259", "cluster.py writes each node's job script with it"),
+    ("nipype.pipeline.engine.workflows", "Workflow._create_flat_graph", "(self)", "b2a05d999541d99a",
+     "workunits.py reads the graph nipype runs (node _hierarchy) to find which units consume which"),
     ("nipype.pipeline.plugins.tools", "report_crash", "(node, traceback=None, hostname=None)", "e5638fa8e70b711c",
      "cluster.py writes the crash file of a lost job with it (traceback must be a list)"),
 ]
@@ -166,3 +168,15 @@ def test_nodes_have_the_members_the_plugins_read(tmp_path):
     assert hasattr(node._interface, "always_run"), "nipype interfaces no longer have 'always_run' (qsmflow/cluster.py)"
     assert (node.mem_gb, node.n_procs) == (1.5, 2)
     assert node.fullname == "outer_wf.step" and callable(node.output_dir) and callable(node.is_cached)
+
+
+def test_workflows_have_the_members_work_units_read():
+    """qsmflow/workunits.py walks ``Workflow._graph`` (children: nodes and nested workflows)."""
+    from nipype.interfaces.utility import Merge
+    from nipype.pipeline import engine as pe
+
+    outer, inner = pe.Workflow(name="outer_wf"), pe.Workflow(name="inner_wf")
+    inner.add_nodes([pe.Node(Merge(1), name="step")])
+    outer.add_nodes([inner])
+    assert hasattr(outer, "_graph"), "nipype's Workflow no longer has '_graph' (qsmflow/workunits.py walks it)"
+    assert list(outer._graph.nodes()) == [inner] and [n.name for n in inner._graph.nodes()] == ["step"]
