@@ -79,6 +79,8 @@ def test_conventions_give_the_radians_chimap(conventions_run, subject, conventio
     assert reference_sidecar["PhaseInput"]["PhaseUnits"] == "radians"
     assert sidecar["PhaseInput"]["PhaseUnits"] == convention and sidecar["PhaseInput"]["PhaseUnitsDetected"] is True
     assert sidecar["PhaseInput"]["PhaseSign"] == 1
+    for stage in ("Masking", "PhaseUnwrapping", "EchoCombination", "BackgroundFieldRemoval", "DipoleInversion"):
+        assert sidecar[stage]["References"] and all(isinstance(r, str) for r in sidecar[stage]["References"]), stage
     inside = reference != 0
     assert inside.sum() > 20000
     nrmse = 100 * np.linalg.norm(chi[inside] - reference[inside]) / np.linalg.norm(reference[inside])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -30,8 +31,38 @@ def save_like(data: np.ndarray, reference: nib.Nifti1Image, filename: str, *, dt
     return str(path)
 
 
+def docstring_references(function) -> list[str]:
+    """The entries of the ``References`` section of a numpy-style docstring, one string each.
+
+    Entries start with ``.. [n]`` (continuation lines are joined); without such markers each
+    paragraph is one entry. Empty when there is no such section.
+    """
+    lines = (inspect.getdoc(function) or "").splitlines()
+    for index, line in enumerate(lines[:-1]):
+        if line.strip() == "References" and set(lines[index + 1].strip()) == {"-"}:
+            break
+    else:
+        return []
+    section = []
+    for number, line in enumerate(lines[index + 2:], start=index + 2):
+        following = lines[number + 1] if number + 1 < len(lines) else ""
+        if line.strip() and following.strip() and set(following.strip()) == {"-"}:
+            break  # the next section's heading
+        section.append(line.strip())
+    entries, current = [], []
+    for line in section + [""]:
+        starts_entry = re.match(r"^\.\. \[[^\]]+\]\s*", line)
+        if starts_entry or not line:
+            if current:
+                entries.append(" ".join(current))
+            current = [line[starts_entry.end():]] if starts_entry else []
+        else:
+            current.append(line)
+    return entries
+
+
 def function_provenance(function, parameters: dict) -> dict:
-    """Name, effective keyword parameters (given or default) and summary of an algorithm."""
+    """Name, effective keyword parameters (given or default), summary and papers of an algorithm."""
     effective = {}
     for parameter in inspect.signature(function).parameters.values():
         if parameter.default is not inspect.Parameter.empty and parameter.name not in {"mask", "voxel_size", "b0_direction"}:
@@ -42,4 +73,5 @@ def function_provenance(function, parameters: dict) -> dict:
         "Function": f"{function.__module__}.{function.__name__}",
         "Parameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in effective.items()},
         "Description": doc.split("\n\n")[0].replace("\n", " "),
+        "References": docstring_references(function),
     }

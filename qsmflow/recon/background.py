@@ -85,6 +85,12 @@ def sharp(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), radius
     -------
     local_field : float32 array (ppm), zero outside ``reduced_mask``
     reduced_mask : bool array, the mask eroded by ``radius_mm``
+
+    References
+    ----------
+    .. [1] Schweser F, Deistung A, Lehr BW, Reichenbach JR. Quantitative imaging of intrinsic
+           magnetic tissue properties using MRI signal phase: an approach to in vivo brain iron
+           metabolism? NeuroImage 2011;54:2789-2807.
     """
     field, mask, voxel_size, _ = validated_field_inputs(total_field, mask, voxel_size, b0_direction, "total_field")
     _check_radius(radius_mm, voxel_size)
@@ -134,6 +140,13 @@ def vsharp(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), radii
     -------
     local_field : float32 array (ppm), zero outside ``reduced_mask``
     reduced_mask : bool array, the union of the masks eroded by each radius
+
+    References
+    ----------
+    .. [1] Li W, Wu B, Liu C. Quantitative susceptibility mapping of human brain reflects
+           spatial variation in tissue composition. NeuroImage 2011;55:1645-1656.
+    .. [2] Wu B, Li W, Guidon A, Liu C. Whole brain susceptibility mapping using compressed
+           sensing. Magn Reson Med 2012;67:137-147.
     """
     field, mask, voxel_size, _ = validated_field_inputs(total_field, mask, voxel_size, b0_direction, "total_field")
     radii = default_vsharp_radii(voxel_size) if radii_mm is None else sorted((float(r) for r in radii_mm), reverse=True)
@@ -229,6 +242,11 @@ def pdf(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), padding=
     164x205x205 head the leakage was 4.7, 1.6 and 0.9 % of the background after 10, 40 and 160
     iterations while the NRMSE of the local field stayed between 29 and 32 %; small heads reach
     the tolerance in about 20 iterations.
+
+    References
+    ----------
+    .. [1] Liu T, Khalidov I, de Rochefort L, et al. A novel background field removal method for
+           MRI using projection onto dipole fields (PDF). NMR Biomed 2011;24:1129-1136.
     """
     field, mask, voxel_size, b0_direction = validated_field_inputs(total_field, mask, voxel_size, b0_direction,
                                                                    "total_field")
@@ -306,6 +324,11 @@ def lbv(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), toleranc
     -------
     local_field : float32 array (ppm), zero outside ``reduced_mask``
     reduced_mask : bool array, the mask without its boundary layer (and ``peel`` more layers)
+
+    References
+    ----------
+    .. [1] Zhou D, Liu T, Spincemaille P, Wang Y. Background field removal by solving the
+           Laplacian boundary value problem. NMR Biomed 2014;27:312-319.
     """
     field, mask, voxel_size, _ = validated_field_inputs(total_field, mask, voxel_size, b0_direction, "total_field")
     _check_solver(tolerance, iterations)

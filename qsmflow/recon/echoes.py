@@ -209,6 +209,15 @@ def fit_field_linear(unwrapped_phase, magnitude, echo_times, *, mask=None) -> di
     dict with float32 3-D arrays ``field_hz`` (Hz), ``phase_offset`` (rad at TE = 0) and
     ``residual`` (magnitude²-weighted RMS misfit, rad). Voxels with fewer than two echoes of
     non-zero magnitude are 0.
+
+    References
+    ----------
+    .. [1] Wu B, Li W, Avram AV, Gho SM, Liu C. Fast and tissue-optimized mapping of magnetic
+           susceptibility and T2* with multi-echo and multi-shot spirals. NeuroImage
+           2012;59:297-305.
+    .. [2] Robinson SD, Bredies K, Khabipova D, Dymerska B, Marques JP, Schweser F. An
+           illustrated comparison of processing methods for MR phase imaging and QSM: combining
+           array coil signals and phase unwrapping. NMR Biomed 2017;30:e3601.
     """
     phase, magnitude, times, mask = validate_multi_echo(
         unwrapped_phase, magnitude, echo_times, mask, phase_name="unwrapped_phase"
@@ -260,6 +269,12 @@ def fit_field_complex(
     -------
     dict as :func:`fit_field_linear`; ``residual`` is the weighted RMS of the wrapped phase
     misfit. A single echo is handled as in :func:`fit_field_linear`.
+
+    References
+    ----------
+    .. [1] Liu T, Wisnieff C, Lou M, Chen W, Spincemaille P, Wang Y. Nonlinear formulation of
+           the magnetic field to source relationship for robust quantitative susceptibility
+           mapping. Magn Reson Med 2013;69:467-476.
     """
     if int(iterations) != iterations or iterations < 0:
         raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
@@ -327,6 +342,12 @@ def r2star_map(
     Returns
     -------
     float32 3-D array in 1/s.
+
+    References
+    ----------
+    .. [1] Pei M, Nguyen TD, Thimmappa ND, et al. Algorithm for fast monoexponential fitting
+           based on Auto-Regression on Linear Operations (ARLO) of data. Magn Reson Med
+           2015;73:843-850.
     """
     magnitude = np.asarray(magnitude)
     if magnitude.ndim != 4:

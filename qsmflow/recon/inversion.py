@@ -82,6 +82,17 @@ def tkd(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), threshol
     Returns
     -------
     float32 array, ppm, zero outside ``mask``.
+
+    References
+    ----------
+    .. [1] Shmueli K, de Zwart JA, van Gelderen P, Li TQ, Dodd SJ, Duyn JH. Magnetic
+           susceptibility mapping of brain tissue in vivo using MRI phase data. Magn Reson Med
+           2009;62:1510-1522.
+    .. [2] Wharton S, Schäfer A, Bowtell R. Susceptibility mapping in the human brain using
+           threshold-based k-space division. Magn Reson Med 2010;63:1292-1304.
+    .. [3] Schweser F, Deistung A, Sommer K, Reichenbach JR. Toward online reconstruction of
+           quantitative susceptibility maps: superfast dipole inversion. Magn Reson Med
+           2013;69:1582-1594.
     """
     field, mask, voxel_size, b0_direction = validated_field_inputs(local_field, mask, voxel_size, b0_direction,
                                                                    "local_field")
@@ -121,6 +132,11 @@ def tikhonov(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), reg
     Returns
     -------
     float32 array, ppm, zero outside ``mask``.
+
+    References
+    ----------
+    .. [1] Bilgic B, Chatnuntawech I, Fan AP, et al. Fast image reconstruction with
+           L2-regularization. J Magn Reson Imaging 2014;40:181-191.
     """
     field, mask, voxel_size, b0_direction = validated_field_inputs(local_field, mask, voxel_size, b0_direction,
                                                                    "local_field")
@@ -346,6 +362,15 @@ def tv_admm(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), regu
     NRMSE 8.0-8.7 % for lambda 2e-4 to 3e-4 (11.5 % at 5e-4, 19 % at 1e-3); rho between 30 and
     300 lambda converges to the same map, 100 lambda fastest; tolerance 1e-3 stops after about 30
     iterations within 0.2 % NRMSE of the converged map.
+
+    References
+    ----------
+    .. [1] Bilgic B, Fan AP, Polimeni JR, et al. Fast quantitative susceptibility mapping with
+           L1-regularization and automatic parameter selection. Magn Reson Med
+           2014;72:1444-1459.
+    .. [2] Milovic C, Bilgic B, Zhao B, Acosta-Cabronero J, Tejos C. Fast nonlinear
+           susceptibility inversion with variational regularization. Magn Reson Med
+           2018;80:814-821.
     """
     field, mask, voxel_size, b0_direction = validated_field_inputs(local_field, mask, voxel_size, b0_direction,
                                                                    "local_field")
@@ -431,6 +456,15 @@ def weighted_tv(local_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), 
     brain edge: NRMSE 4.7 % instead of 8.7 % on the simulated brain of ``tests/test_inversion.py``
     (lambda 1e-4 to 2e-4 best; the ADMM penalties change the speed, not the result); it converges
     more slowly (tolerance 3e-3 after about 50 iterations) at twice the FFT cost per iteration.
+
+    References
+    ----------
+    .. [1] Milovic C, Bilgic B, Zhao B, Acosta-Cabronero J, Tejos C. Fast nonlinear
+           susceptibility inversion with variational regularization. Magn Reson Med
+           2018;80:814-821.
+    .. [2] Liu J, Liu T, de Rochefort L, et al. Morphology enabled dipole inversion for
+           quantitative susceptibility mapping using structural consistency between the
+           magnitude image and the susceptibility map. NeuroImage 2012;59:2560-2568.
     """
     field, mask, voxel_size, b0_direction = validated_field_inputs(local_field, mask, voxel_size, b0_direction,
                                                                    "local_field")

@@ -92,6 +92,11 @@ def brain_mask_from_magnitude(
     ValueError
         If the image is not 3-D/4-D, contains NaN or infinity, has no positive voxel, or a
         parameter is out of range, or if nothing survives the erosion.
+
+    References
+    ----------
+    .. [1] Otsu N. A threshold selection method from gray-level histograms. IEEE Trans Syst Man
+           Cybern 1979;9:62-66.
     """
     magnitude = np.asarray(magnitude)
     if magnitude.ndim not in (3, 4):
@@ -163,6 +168,13 @@ def reliable_field_mask(mask: np.ndarray, residual: np.ndarray, *, outlier_facto
     Returns
     -------
     bool array, a subset of ``mask``.
+
+    References
+    ----------
+    .. [1] Hampel FR. The influence curve and its role in robust estimation. J Am Stat Assoc
+           1974;69:383-393.
+    .. [2] Stewart AW, Robinson SD, O'Brien K, et al. QSMxT: Robust masking and artifact
+           reduction for quantitative susceptibility mapping. Magn Reson Med 2022;87:1289-1300.
     """
     mask = np.asarray(mask, dtype=bool)
     if outlier_factor <= 0:

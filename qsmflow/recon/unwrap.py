@@ -190,6 +190,15 @@ def unwrap_laplacian(
     Returns
     -------
     float32 array of ``phase.shape``.
+
+    References
+    ----------
+    .. [1] Schofield MA, Zhu Y. Fast phase unwrapping algorithm for interferometric
+           applications. Opt Lett 2003;28:1194-1196.
+    .. [2] Bagher-Ebadian H, et al. Magn Reson Imaging 2008;26:1197-1203.
+    .. [3] Ghiglia DC, Romero LA. Robust two-dimensional weighted and unweighted phase
+           unwrapping that uses fast transforms and iterative methods. J Opt Soc Am A
+           1994;11:107-117.
     """
     phase = _validate_phase(phase)
     sizes = _validate_voxel_size(voxel_size)
@@ -263,6 +272,11 @@ def unwrap_quality_guided(phase, mask=None, voxel_size=None, *, seed: int = 0) -
     Returns
     -------
     float32 array of ``phase.shape``.
+
+    References
+    ----------
+    .. [1] Abdul-Rahman HS, Gdeisat MA, Burton DR, Lalor MJ, Lilley F, Moore CJ. Fast and robust
+           three-dimensional best path phase unwrapping algorithm. Appl Opt 2007;46:6623-6635.
     """
     phase = _validate_phase(phase)
     _validate_voxel_size(voxel_size)
@@ -346,6 +360,13 @@ def unwrap_echoes(
     Returns
     -------
     float32 (x, y, z, echo) array of unwrapped phase.
+
+    References
+    ----------
+    .. [1] Feng W, Neelavalli J, Haacke EM. Magn Reson Med 2013;70:117-126.
+    .. [2] Robinson SD, Bredies K, Khabipova D, Dymerska B, Marques JP, Schweser F. An
+           illustrated comparison of processing methods for MR phase imaging and QSM: combining
+           array coil signals and phase unwrapping. NMR Biomed 2017;30:e3601.
     """
     phase, magnitude, times, mask = validate_multi_echo(phase, magnitude, echo_times, mask)
     if method not in SPATIAL_UNWRAPPERS:
