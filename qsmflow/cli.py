@@ -30,7 +30,7 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
                         help="override a configuration key, e.g. --set inversion.method=tv")
     parser.add_argument("--work-dir", type=Path, help="nipype cache; rerunning with the same one resumes (default: OUTPUT_DIR/.work)")
     parser.add_argument("--nprocs", type=int, help="parallel processes for MultiProc (default: all cores)")
-    parser.add_argument("--plugin", help="nipype plugin: MultiProc (default), Linear, SLURM, SLURMGraph, SGE, PBS")
+    parser.add_argument("--plugin", help="MultiProc (default), Linear, SLURMArray (one SLURM array task per participant), or one job per node: SLURM, SLURMGraph, SGE, PBS")
     parser.add_argument("--plugin-args", type=Path, metavar="FILE",
                         help="YAML file of plugin arguments (e.g. sbatch_args), merged into execution.plugin_args")
     parser.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto",
@@ -371,6 +371,11 @@ def main(argv=None) -> int:
         if demo:
             return run_demo(args.output_dir, subjects=args.subjects, config=config, work_dir=args.work_dir, debug=args.debug,
                             progress=args.progress)
+        if args.analysis_level == "participant" and config["execution"]["plugin"] == "SLURMArray":
+            from .slurm_array import run_array  # one SLURM array task per participant, then the group job
+
+            return run_array(args.bids_dir, args.output_dir, config=config, work_dir=args.work_dir,
+                             participant_labels=args.participant_label)
         return run_level(args.analysis_level, args.bids_dir, args.output_dir, participant_labels=args.participant_label,
                          config=config, work_dir=args.work_dir, debug=args.debug, progress=args.progress)
     except KeyboardInterrupt:

@@ -163,6 +163,11 @@ RULES: dict[str, dict] = {
     "execution.cluster.account": nullable(string()),
     "execution.cluster.time": nullable(string()),
     "execution.cluster.extra_args": either(string(), list_of(string(), min_items=0)),
+    "execution.array.cpus_per_task": whole(1),
+    "execution.array.mem_gb": nullable(positive()),
+    "execution.array.time": nullable(string()),
+    "execution.array.max_parallel": nullable(whole(1)),
+    "execution.array.poll_seconds": positive(),
     # algorithm parameters: mask
     "mask.threshold.threshold": nullable(fraction()),
     "mask.threshold.erosion_mm": number(0),

@@ -65,6 +65,10 @@ def plugin_settings(config: dict) -> tuple[str, dict]:
     execution = config["execution"]
     plugin = execution["plugin"]
     known = _nipype_plugins()
+    if plugin == "SLURMArray":  # qsmflow.slurm_array: submits whole participant runs, runs no workflow here
+        raise ConfigError("configuration key 'execution.plugin': SLURMArray submits participant-level runs "
+                          "(qsmflow BIDS_DIR OUTPUT_DIR participant --plugin SLURMArray); here use MultiProc or a "
+                          "per-node cluster plugin (SLURM, SLURMGraph, SGE, PBS)")
     if plugin not in known:
         raise ConfigError(f"configuration key 'execution.plugin': {plugin!r} is not a nipype plugin (known: {', '.join(known)})")
     plugin_args = dict(execution["plugin_args"] or {})
@@ -91,23 +95,27 @@ def run_workflow(workflow, work_dir, *, plugin: str = "MultiProc", plugin_args: 
     and ``job_finished_timeout`` in ``plugin_args`` set nipype's options of those names.
     """
     from .cluster import CLUSTER_PLUGINS, LOOP_SETTINGS, make_plugin
+    from .resources import limited_threads
 
     plugin_args = dict(plugin_args or {})
     if status_callback is not None:
         plugin_args["status_callback"] = status_callback
     loop_settings = {key: str(plugin_args.pop(key)) for key in LOOP_SETTINGS if key in plugin_args}
     work_dir = Path(work_dir).resolve()
-    crash_dir = work_dir / "crashes" / time.strftime("%Y%m%d-%H%M%S")
+    # one folder per process: runs sharing a work directory (array tasks) start in the same second
+    crash_dir = work_dir / "crashes" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     configure_nipype(work_dir, crash_dir, debug=debug)
     workflow.base_dir = str(work_dir)
     workflow.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt", **loop_settings})
     try:
-        if plugin in CLUSTER_PLUGINS:
+        if plugin in CLUSTER_PLUGINS:  # each job sizes its threads from its allocation (cluster.py)
             workflow.run(plugin=make_plugin(plugin, plugin_args))
-        elif plugin == "MultiProc":
-            workflow.run(plugin=_resilient_multiproc_plugin()(plugin_args=plugin_args))
         else:
-            workflow.run(plugin=plugin, plugin_args=plugin_args)
+            with limited_threads():  # BLAS/OpenMP/ITK of this process and its workers, like the FFTs
+                if plugin == "MultiProc":
+                    workflow.run(plugin=_resilient_multiproc_plugin()(plugin_args=plugin_args))
+                else:
+                    workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as error:
         failures = read_crash_files(crash_dir, units)
         if not failures:

@@ -7,6 +7,7 @@ threads) asks :func:`available_cpus` or :func:`thread_count`, never ``os.cpu_cou
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 
 def available_cpus() -> int:
@@ -42,3 +43,35 @@ def thread_count(n_procs: int | None = None) -> int:
     if n_procs is not None:
         return max(1, min(int(n_procs), available_cpus()))
     return available_cpus()
+
+
+#: Environment variables that size native thread pools when a library starts: OpenMP, the BLAS
+#: libraries numpy and scipy load (OpenBLAS, MKL), and ITK (antspyx).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+
+
+@contextmanager
+def limited_threads(threads: int | None = None):
+    """Inside: every native thread pool of this process and of the processes it starts uses
+    ``threads`` threads (default :func:`thread_count`, capped by :func:`available_cpus`).
+
+    The BLAS libraries already loaded (numpy's and scipy's OpenBLAS start one thread per CPU of
+    the affinity mask, not of ``SLURM_CPUS_PER_TASK``) are limited with ``threadpoolctl``; worker
+    processes forked inside inherit the limit. :data:`THREAD_VARIABLES` are set for libraries that
+    start later, in this process or in processes it spawns (ITK reads its variable when antspyx
+    first runs a filter). Both are restored on exit. Yields the thread count.
+    """
+    from threadpoolctl import threadpool_limits
+
+    count = thread_count() if threads is None else max(1, min(int(threads), available_cpus()))
+    previous = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    os.environ.update({name: str(count) for name in THREAD_VARIABLES})
+    try:
+        with threadpool_limits(limits=count):
+            yield count
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
