@@ -136,7 +136,8 @@ def _write_scan(root: Path, prefix: str, phantom, *, segmentation: bool) -> Scan
     )
     (anat / f"{prefix}_Chimap.json").write_text(json.dumps({
         "MagneticFieldStrength": 3.0, "EchoTime": [0.004, 0.012],
-        "PhaseInput": {"PhaseUnits": "radians"},
+        "PhaseInput": {"PhaseUnits": "integer", "PhaseUnitsDetected": True,
+                       "PhaseRescaling": "scanner integers -4096..4095 mapped linearly onto [-pi, pi) radians"},
         "DipoleInversion": {"Function": "qsmflow.recon.inversion.tv", "Description": "Total variation, ADMM."},
         "SusceptibilityReference": {"Reference": "mean over the brain mask"},
     }))
@@ -213,7 +214,8 @@ def test_subject_report_references_only_local_files_and_shows_the_roi_table(subj
     sections = text.split('<section id="sub-01_ses-2_MEGRE">')
     assert len(sections) == 2
     assert "Segmentation was not run" in sections[1] and "Segmentation was not run" not in sections[0]
-    assert "3 T" in text and "4, 12 ms (2 echoes)" in text and "radians" in text and "mean over the brain mask" in text
+    assert "3 T" in text and "4, 12 ms (2 echoes)" in text
+    assert "integer (detected); scanner integers -4096..4095" in text and "mean over the brain mask" in text
     assert "radiological convention" in text
 
 

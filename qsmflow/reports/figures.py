@@ -82,6 +82,7 @@ class ContourLayer:
     label: str | None = None
     levels: tuple = (0.5,)
     linewidth: float = 1.2
+    linestyle: object = "-"
 
 
 @dataclass
@@ -290,11 +291,11 @@ def plot_slices(
         row_width = len(indices) * panel_height * width_mm / height_mm + (len(indices) - 1) * gap
         heights.append(panel_height * min(1.0, (max_width - label_width) / row_width))
     widths = [len(r[1]) * h * r[2] / r[3] + (len(r[1]) - 1) * gap for r, h in zip(rows, heights)]
-    contour_entries = [(layer.label, layer.colour, "line") for layer in layers if isinstance(layer, ContourLayer) and layer.label]
-    entries = contour_entries + [(label, colour, "patch") for label, colour in (legend or [])]
+    contour_entries = [(layer.label, layer.colour, "line", layer.linestyle) for layer in layers if isinstance(layer, ContourLayer) and layer.label]
+    entries = contour_entries + [(label, colour, "patch", None) for label, colour in (legend or [])]
     figure_width = label_width + max(widths) + 0.15
     # a legend column is about 0.45 in of handle and spacing plus 0.075 in per character at 9 pt
-    column_width = 0.45 + 0.075 * max((len(label) for label, _, _ in entries), default=0)
+    column_width = 0.45 + 0.075 * max((len(entry[0]) for entry in entries), default=0)
     legend_columns = max(1, min(len(entries), int((figure_width - 0.2) // column_width))) if entries else 1
     legend_height = 0.21 * int(np.ceil(len(entries) / legend_columns)) + 0.1 if entries else 0.0
     bar_height = 0.75 if colour_bar else 0.0
@@ -341,7 +342,7 @@ def plot_slices(
                         mappable = image
                 elif np.ptp(plane) > 0 and any(plane.min() < level < plane.max() for level in layer.levels):
                     ax.contour(plane, levels=list(layer.levels), colors=[layer.colour], linewidths=layer.linewidth,
-                               origin="upper", extent=extent)
+                               linestyles=[layer.linestyle], origin="upper", extent=extent)
             world = ras_affine @ np.append(offset + np.where(np.arange(3) == axis, index, 0), 1.0)
             ax.text(left + width_mm / 2, -0.02, f"{_COORDINATE_NAME[view]} = {world[axis]:.0f} mm", transform=ax.get_xaxis_transform(),
                     ha="center", va="top", fontsize=_FONT_SIZE - 1)
@@ -370,9 +371,9 @@ def plot_slices(
         bar.ax.tick_params(labelsize=_FONT_SIZE)
         top -= bar_height
     if entries:
-        handles = [Line2D([0], [0], color=colour, lw=2) if kind == "line" else Patch(facecolor=colour, edgecolor="black", lw=0.5)
-                   for _, colour, kind in entries]
-        figure.legend(handles, [label for label, _, _ in entries], loc="upper center", ncol=legend_columns, frameon=False,
+        handles = [Line2D([0], [0], color=colour, lw=2, linestyle=style) if kind == "line" else Patch(facecolor=colour, edgecolor="black", lw=0.5)
+                   for _, colour, kind, style in entries]
+        figure.legend(handles, [entry[0] for entry in entries], loc="upper center", ncol=legend_columns, frameon=False,
                       fontsize=_FONT_SIZE, bbox_to_anchor=(0.5, top / figure_height), handlelength=1.6, columnspacing=1.2)
 
     import io
@@ -403,12 +404,15 @@ def plot_mask_contours(out_file, magnitude, affine, masks, *, orientation: str =
         Background image (the first echo of a 4-D magnitude).
     masks : sequence of (label, mask, colour)
         E.g. ``[("brain mask", brain, "#ff3b30"), ("QSM mask", qsm, "#34c759")]``; slices are
-        centred on the first mask and panels cropped to the union of the masks.
+        centred on the first mask and panels cropped to the union of the masks. The first outline
+        is solid, the others dashed, so coinciding masks stay distinguishable.
     """
     if not masks:
         raise ValueError("masks must hold at least one (label, mask, colour)")
-    layers = [ImageLayer(_background(magnitude), cmap="gray")]
-    layers += [ContourLayer(np.asarray(mask) > 0, colour=colour, label=label) for label, mask, colour in masks]
+    layers = [ImageLayer(_background(magnitude), cmap="gray", vmin=0.0)]
+    # later outlines dashed: where masks coincide both colours alternate along the line
+    layers += [ContourLayer(np.asarray(mask) > 0, colour=colour, label=label, linewidth=1.4, linestyle="-" if position == 0 else (0, (3, 3)))
+               for position, (label, mask, colour) in enumerate(masks)]
     union = np.zeros(layers[0].data.shape, dtype=bool)
     for _, mask, _ in masks:
         union |= np.asarray(mask) > 0
@@ -474,7 +478,7 @@ def plot_registration(out_file, subject, template, affine, *, mask=None, orienta
     # A light smoothing keeps the iso-lines to anatomical boundaries, not to voxel noise.
     template = ndimage.gaussian_filter(np.asarray(template, dtype=np.float32), sigma=smoothing_voxels) if smoothing_voxels else np.asarray(template, dtype=np.float32)
     levels = template_edge_levels(template)
-    layers = [ImageLayer(_background(subject), cmap="gray")]
+    layers = [ImageLayer(_background(subject), cmap="gray", vmin=0.0)]
     names = ("template outer edge", "template inner edge") if len(levels) == 2 else tuple(f"template edge {i + 1}" for i in range(len(levels)))
     for level, colour, name in zip(levels, colours * len(levels), names):
         layers.append(ContourLayer(template, colour=colour, label=name, levels=(level,), linewidth=1.0))

@@ -139,10 +139,15 @@ def scan_facts(sidecar: dict) -> list[tuple[str, str]]:
     if echo_times:
         facts.append(("Echo times", f"{', '.join(f'{1000 * float(t):g}' for t in echo_times)} ms ({len(echo_times)} echoes)"))
     phase = sidecar.get("PhaseInput") or {}
-    units = phase.get("PhaseUnits", "n/a")
-    if phase.get("PhaseRescaling"):
-        units = f"{units} ({phase['PhaseRescaling']})"
-    facts.append(("Phase units detected", units))
+    units = str(phase.get("PhaseUnits", "n/a"))
+    if "PhaseUnitsDetected" in phase:
+        units += " (detected)" if phase["PhaseUnitsDetected"] else " (as configured)"
+    rescaling = phase.get("PhaseRescaling")
+    if rescaling and not str(rescaling).startswith("none"):
+        units += f"; {rescaling}"
+    if phase.get("PhaseSign") == -1:
+        units += "; phase sign inverted"
+    facts.append(("Phase units", units))
     for key, label in _STAGES:
         if key in sidecar:
             facts.append((label, _stage_text(sidecar[key])))
@@ -182,8 +187,9 @@ def _scan_section(page: ReportPage, scan: ScanReportFiles, figure_dir: Path, *, 
     masks_figure = figure_dir / f"{prefix}_desc-masks_{suffix}.{figure_format}"
     figures.plot_mask_contours(masks_figure, magnitude, affine, [("brain mask", brain, BRAIN_MASK_COLOUR), ("QSM mask", qsm, QSM_MASK_COLOUR)],
                                orientation=orientation)
-    section.figure(masks_figure, f"Brain mask (red) and QSM mask (green: where the local field and χ are valid) on the first-echo "
-                                 f"magnitude. QSM mask: {int(qsm.sum())} voxels, {100 * qsm.sum() / brain.sum():.0f} % of the brain mask.")
+    section.figure(masks_figure, f"Brain mask (red) and QSM mask (green, dashed: where the local field and χ are valid) on the "
+                                 f"first-echo magnitude; where they coincide the line alternates red and green. QSM mask: "
+                                 f"{int(qsm.sum())} voxels, {100 * qsm.sum() / brain.sum():.0f} % of the brain mask.")
 
     chi_figure = figure_dir / f"{prefix}_Chimap.{figure_format}"
     figures.plot_chimap(chi_figure, chi, affine, mask=qsm if qsm.any() else brain, window=chi_window, orientation=orientation)
