@@ -456,3 +456,108 @@ def write_dataset_description(output_dir, bids_dir=None) -> Path:
     atomic_write_json(path, description)
     write_if_changed(Path(output_dir) / ".bidsignore", "".join(f"{pattern}\n" for pattern in BIDS_IGNORED).encode())
     return path
+
+
+#: How :func:`orientation_sets` groups a session's scans into COSMOS orientation sets.
+ORIENTATION_RULES = ("run", "acq", "files")
+
+
+def orientation_sets(scans, rule: str = "run", files=()) -> list[list[Scan]]:
+    """Group scans of the same head in different orientations into COSMOS sets.
+
+    Parameters
+    ----------
+    scans : list of Scan
+        Validated scans (:func:`collect_scans`).
+    rule : {"run", "acq", "files"}
+        ``run``: scans of one session and suffix whose entities differ only in ``run`` form a
+        set; ``acq``: those that differ only in ``acquisition`` (each acquisition label one
+        orientation); ``files``: the sets listed in ``files``.
+    files : list of lists of str
+        With ``rule="files"``: each set as a list of its scans, each named by any of its image
+        files (path, absolute or relative to the dataset, or file name) or its name
+        (``sub-01_run-2_MEGRE``). The first scan of a set is its reference orientation.
+
+    Returns
+    -------
+    list of sets, each a list of two or more scans, the reference orientation (the lowest run
+    or acquisition label, or the first listed) first. Scans in no set are not returned; they
+    get their single-orientation Chimap only.
+
+    Raises
+    ------
+    InputError
+        An unknown rule; a listed set of one scan (COSMOS needs two or more orientations), a
+        listed file that is no scan's, a scan listed in two sets, or a set spanning subjects,
+        sessions or suffixes.
+    """
+    if rule not in ORIENTATION_RULES:
+        raise InputError(f"cosmos.group_by {rule!r}: expected one of {', '.join(ORIENTATION_RULES)}")
+    if rule == "files":
+        return _listed_orientation_sets(scans, files)
+    varying = {"run": "run", "acq": "acquisition"}[rule]
+    groups: dict[tuple, list[Scan]] = {}
+    for scan in scans:
+        key = tuple(scan.entities.get(name) for name in SCAN_ENTITIES if name != varying) + (scan.suffix,)
+        groups.setdefault(key, []).append(scan)
+
+    def order(scan):
+        value = scan.entities.get(varying)
+        text = "" if value is None else str(value)
+        return (0, int(text), text) if text.isdigit() else (1, 0, text)
+
+    return [sorted(members, key=order) for _, members in sorted(groups.items(), key=lambda item: str(item[0]))
+            if len(members) > 1]
+
+
+def _listed_orientation_sets(scans, files) -> list[list[Scan]]:
+    if not files:
+        raise InputError("cosmos.group_by 'files' needs cosmos.files: a list of sets, each a list of scan files")
+    sets, used = [], {}
+    for listed in files:
+        if isinstance(listed, str) or not hasattr(listed, "__iter__"):
+            raise InputError(f"cosmos.files entry {listed!r}: each set must be a list of scan files")
+        members = []
+        for item in listed:
+            matches = [scan for scan in scans if _names_scan(scan, str(item))]
+            if not matches:
+                raise InputError(f"cosmos.files: {item} is not a file of any selected GRE scan")
+            scan = matches[0]
+            if scan.name + scan.suffix in used:
+                raise InputError(f"cosmos.files: {item} ({scan.name}_{scan.suffix}) is listed in two orientation sets")
+            used[scan.name + scan.suffix] = item
+            members.append(scan)
+        names = ", ".join(f"{s.name}_{s.suffix}" for s in members)
+        if len(members) < 2:
+            raise InputError(f"cosmos.files: the orientation set [{names}] has one scan; COSMOS needs two or more "
+                             "orientations of the same head (three or more recommended)")
+        if len({(s.subject, s.entities.get("session"), s.suffix) for s in members}) > 1:
+            raise InputError(f"cosmos.files: the orientation set [{names}] spans subjects, sessions or suffixes")
+        sets.append(members)
+    return sets
+
+
+def _names_scan(scan: Scan, item: str) -> bool:
+    if item in (f"{scan.name}_{scan.suffix}", scan.name):
+        return True
+    candidate = Path(item)
+    for path in scan.magnitude_files + scan.phase_files:
+        if candidate.name == item and Path(path).name == item:
+            return True
+        if candidate.is_absolute() and Path(path).resolve() == candidate.resolve():
+            return True
+        if not candidate.is_absolute() and Path(path).as_posix().endswith("/" + candidate.as_posix()):
+            return True
+    return False
+
+
+def orientation_set_entities(members) -> dict:
+    """Entities of a COSMOS output: those all members share (the varying ones dropped), with
+    ``reconstruction`` set to ``cosmos``."""
+    shared = {}
+    for name in SCAN_ENTITIES:
+        values = {scan.entities.get(name) for scan in members}
+        if len(values) == 1 and None not in values:
+            shared[name] = values.pop()
+    shared["reconstruction"] = "cosmos"
+    return shared

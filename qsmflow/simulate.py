@@ -985,3 +985,164 @@ def write_bids_dataset(
             _write_tsv(truth / f"{stem}_desc-truth_roistats.tsv",
                        ["name", "voxels", "volume", "mean", "trajectory"], rows)
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# several head orientations (COSMOS)
+
+
+def tilted_phantom(phantom: Phantom, head_rotation_degrees, affine, reference_affine) -> Phantom:
+    """The phantom's head rotated inside the scanner and sampled on the grid of ``affine``.
+
+    The head of ``phantom`` lies on the grid of ``reference_affine``; it is rotated by
+    :func:`qsmflow.recon.cosmos.rotation_matrix` of ``head_rotation_degrees`` about the world
+    origin (the grid centre of :func:`affine_for_b0_direction` grids) and resampled onto the grid
+    of ``affine``: linear interpolation for chi, m0 and R2*, nearest for labels and tissue
+    classes, masks where their interpolated fraction is at least one half. An axial ``affine``
+    equal to ``reference_affine`` is a tilted head in an axial acquisition; a rotated ``affine`` is
+    an oblique acquisition. Outside the reference grid each map takes its value at the nearest
+    edge (air; the neck below).
+    """
+    from qsmflow.recon.cosmos import rotation_matrix
+
+    rotation = np.eye(4)
+    rotation[:3, :3] = rotation_matrix(head_rotation_degrees)
+    # target voxel -> world -> head point in the reference world -> reference voxel
+    voxel_map = np.linalg.inv(np.asarray(reference_affine, dtype=np.float64)) @ rotation.T @ np.asarray(affine, dtype=np.float64)
+
+    def resample(array, order):
+        return ndimage.affine_transform(array, voxel_map[:3, :3], offset=voxel_map[:3, 3], output_shape=phantom.shape,
+                                        order=order, mode="nearest")
+
+    def resample_mask(mask):
+        return resample(mask.astype(np.float32), 1) >= 0.5
+
+    return Phantom(
+        chi=resample(phantom.chi, 1).astype(np.float32),
+        brain_mask=resample_mask(phantom.brain_mask),
+        head_mask=resample_mask(phantom.head_mask),
+        labels=resample(phantom.labels, 0).astype(phantom.labels.dtype),
+        label_names=dict(phantom.label_names),
+        m0=resample(phantom.m0, 1).astype(np.float32),
+        r2star=resample(phantom.r2star, 1).astype(np.float32),
+        tissues=resample(phantom.tissues, 0).astype(phantom.tissues.dtype),
+        voxel_size=phantom.voxel_size,
+        age_years=phantom.age_years,
+        seed=phantom.seed,
+        air_chi=phantom.air_chi,
+        roi_chi=dict(phantom.roi_chi),
+        anatomy_scale=phantom.anatomy_scale,
+    )
+
+
+#: Head tilts (degrees about x, y, z) of the multi-orientation subject: neutral, then 15-25
+#: degrees about two different axes, and a fourth combining both (Liu et al. 2009 tilted the
+#: head within the coil by about 20 degrees).
+DEFAULT_HEAD_ROTATIONS = ((0.0, 0.0, 0.0), (20.0, 0.0, 0.0), (0.0, -18.0, 0.0), (-15.0, 15.0, 0.0))
+
+
+def write_multi_orientation_dataset(
+    root,
+    label: str = "01",
+    age: float = 40.0,
+    *,
+    head_rotations=DEFAULT_HEAD_ROTATIONS[:3],
+    acquisition_rotations=None,
+    seed: int | None = None,
+    field_strength: float = 3.0,
+    echo_times=DEFAULT_ECHO_TIMES,
+    shape=DEFAULT_SHAPE,
+    voxel_size=DEFAULT_VOXEL_SIZE,
+    snr: float = 100.0,
+    air_chi: float = DEFAULT_AIR_CHI,
+    shim_order: int | None = 1,
+) -> Path:
+    """Write one subject scanned in several head orientations as ``run-1..N`` of one session.
+
+    The same head (:func:`brain_phantom`) is tilted inside the scanner by each of
+    ``head_rotations`` (degrees about the scanner's x, y, z; :func:`tilted_phantom`); B0 stays
+    along scanner z. With ``acquisition_rotations`` omitted every run is an axial acquisition
+    (identical affines); otherwise run ``i``'s field of view is rotated by
+    ``acquisition_rotations[i]`` (an oblique acquisition, the rotation written in its affine).
+    Each run's field is computed with B0 in its own voxel axes (from its affine).
+
+    Layout as :func:`write_bids_dataset`, with ``_run-N`` in every name; each truth sidecar in
+    ``derivatives/simulation`` adds ``HeadRotationDegrees``, ``AcquisitionRotationDegrees`` and
+    ``B0Direction`` (voxel axes). Run 1's truth is the reference head for COSMOS.
+
+    Returns
+    -------
+    Path of ``root``.
+    """
+    from qsmflow.recon.cosmos import rotation_matrix
+    from qsmflow.recon.dipole import b0_direction_from_affine
+
+    root = Path(root)
+    label = _clean_label(label, "sub")
+    head_rotations = [tuple(float(a) for a in r) for r in head_rotations]
+    if len(head_rotations) < 1:
+        raise ValueError("head_rotations must list at least one orientation")
+    if acquisition_rotations is None:
+        acquisition_rotations = [(0.0, 0.0, 0.0)] * len(head_rotations)
+    acquisition_rotations = [tuple(float(a) for a in r) for r in acquisition_rotations]
+    if len(acquisition_rotations) != len(head_rotations):
+        raise ValueError("acquisition_rotations must give one rotation per head rotation")
+    seed = zlib.crc32(label.encode()) % (2**31) if seed is None else int(seed)
+    echo_times = tuple(float(t) for t in echo_times)
+    version = _package_version()
+    truth_root = root / "derivatives" / "simulation"
+    anat, truth = root / f"sub-{label}" / "anat", truth_root / f"sub-{label}" / "anat"
+    anat.mkdir(parents=True, exist_ok=True)
+    truth.mkdir(parents=True, exist_ok=True)
+    _write_json(root / "dataset_description.json", {
+        "Name": "qsmflow simulated multi-orientation GRE", "BIDSVersion": BIDS_VERSION, "DatasetType": "raw",
+        "License": "CC0", "Authors": ["qsmflow simulation"],
+        "GeneratedBy": [{"Name": "qsmflow.simulate", "Version": version}],
+    })
+    (root / "README").write_text(
+        "Simulated multi-echo gradient-echo data of one numerical head phantom scanned in several\n"
+        "head orientations (runs), made by qsmflow.simulate. Ground truth is in derivatives/simulation.\n")
+    _write_tsv(root / "participants.tsv", ["participant_id", "age", "sex"], [[f"sub-{label}", f"{age:g}", "n/a"]])
+    _write_json(truth_root / "dataset_description.json", {
+        "Name": "qsmflow simulation ground truth", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "qsmflow.simulate", "Version": version,
+                         "Description": "brain phantom in several head orientations, dipole forward model"}],
+        "SourceDatasets": [{"URL": "../../"}],
+    })
+    reference_affine = affine_for_b0_direction((0.0, 0.0, 1.0), voxel_size, shape)
+    head = brain_phantom(shape, voxel_size, age_years=age, seed=seed, air_chi=air_chi)
+    common = {
+        "MagneticFieldStrength": float(field_strength),
+        "ImagingFrequency": round(GYROMAGNETIC_RATIO_MHZ_PER_T * field_strength, 6),
+        "Manufacturer": "qsmflow simulation", "MRAcquisitionType": "3D",
+        "RepetitionTime": round(max(echo_times) + 0.007, 6), "FlipAngle": 15,
+    }
+    for run, (head_rotation, acquisition_rotation) in enumerate(zip(head_rotations, acquisition_rotations), start=1):
+        affine = reference_affine.copy()
+        affine[:3, :] = rotation_matrix(acquisition_rotation) @ reference_affine[:3, :]
+        phantom = tilted_phantom(head, head_rotation, affine, reference_affine)
+        direction = b0_direction_from_affine(affine)
+        fields = simulate_field(phantom, b0_direction=direction, shim_order=shim_order)
+        magnitude, phase = simulate_multi_echo(phantom, echo_times=echo_times, field_strength=field_strength,
+                                               snr=snr, seed=seed + 7919 * run, field_ppm=fields.total)
+        stem = f"sub-{label}_run-{run}"
+        for echo, te in enumerate(echo_times, start=1):
+            for part, data, units in (("mag", magnitude, "arbitrary"), ("phase", phase, "rad")):
+                name = f"{stem}_echo-{echo}_part-{part}_MEGRE"
+                _save_nifti(anat / f"{name}.nii.gz", np.ascontiguousarray(data[..., echo - 1]), affine)
+                _write_json(anat / f"{name}.json", {"EchoTime": te, "Units": units, **common})
+        chi_brain = np.where(phantom.brain_mask, phantom.chi, np.float32(0.0)).astype(np.float32)
+        outputs = {
+            "Chimap": (chi_brain, {"Units": "ppm", "Description": "susceptibility relative to CSF"}),
+            "desc-brain_mask": (phantom.brain_mask.astype(np.uint8), {"Type": "Brain"}),
+            "dseg": (phantom.labels, {"Description": "bilateral ROI labels"}),
+            "desc-local_fieldmap": (fields.local, {"Units": "ppm", "Description": "field of the brain's susceptibility"}),
+        }
+        for suffix, (data, sidecar) in outputs.items():
+            _save_nifti(truth / f"{stem}_{suffix}.nii.gz", data, affine)
+            _write_json(truth / f"{stem}_{suffix}.json", {
+                **sidecar, "AgeYears": age, "Seed": seed, "B0Direction": direction.tolist(),
+                "HeadRotationDegrees": list(head_rotation), "AcquisitionRotationDegrees": list(acquisition_rotation),
+                "MagneticFieldStrength": float(field_strength), "AirSusceptibility": phantom.air_chi,
+            })
+    return root

@@ -6,8 +6,10 @@ import re
 import nibabel as nib
 from nipype.pipeline import engine as pe
 
+from qsmflow.bids import InputError, orientation_sets
 from qsmflow.workunits import declare_unit
 
+from .cosmos import connect_orientation_set, init_cosmos_wf
 from .recon import init_scan_qsm_wf
 
 
@@ -36,12 +38,24 @@ def init_participant_wf(scans, config: dict, output_dir, *, name: str = "qsmflow
     """
     workflow = pe.Workflow(name=name)
     subjects: dict[str, pe.Workflow] = {}
+    scan_wfs: dict[int, pe.Workflow] = {}
     for scan in scans:
         if scan.subject not in subjects:
             subjects[scan.subject] = declare_unit(pe.Workflow(name=subject_workflow_name(scan.subject)), kind="subject",
                                                   name=f"sub-{scan.subject}", subject=scan.subject)
         subject_wf = subjects[scan.subject]
         shape = nib.load(scan.magnitude_files[0]).shape
-        subject_wf.add_nodes([init_scan_qsm_wf(scan, config, output_dir, shape=shape, name=f"{scan.node_name}_{scan.suffix}_wf")])
+        scan_wfs[id(scan)] = init_scan_qsm_wf(scan, config, output_dir, shape=shape, name=f"{scan.node_name}_{scan.suffix}_wf")
+        subject_wf.add_nodes([scan_wfs[id(scan)]])
+    if config["cosmos"]["enabled"]:
+        sets = orientation_sets(scans, config["cosmos"]["group_by"], config["cosmos"]["files"])
+        if not sets:
+            raise InputError(f"cosmos.enabled: no orientation set found with cosmos.group_by "
+                             f"{config['cosmos']['group_by']!r} (a set is two or more scans of one session)")
+        for members in sets:
+            shape = nib.load(members[0].magnitude_files[0]).shape
+            cosmos_wf = init_cosmos_wf(members, config, output_dir, shape=shape,
+                                       name=f"{members[0].node_name}_{members[0].suffix}_cosmos_wf")
+            connect_orientation_set(subjects[members[0].subject], cosmos_wf, [scan_wfs[id(s)] for s in members])
     workflow.add_nodes(list(subjects.values()))
     return workflow
