@@ -138,7 +138,8 @@ def _write_scan(root: Path, prefix: str, phantom, *, segmentation: bool) -> Scan
         "MagneticFieldStrength": 3.0, "EchoTime": [0.004, 0.012],
         "PhaseInput": {"PhaseUnits": "integer", "PhaseUnitsDetected": True,
                        "PhaseRescaling": "scanner integers -4096..4095 mapped linearly onto [-pi, pi) radians"},
-        "DipoleInversion": {"Function": "qsmflow.recon.inversion.tv", "Description": "Total variation, ADMM."},
+        "DipoleInversion": {"Function": "qsmflow.recon.inversion.tv", "Description": "Total variation, ADMM.",
+                            "Parameters": {"iterations": 250}, "References": ["Bilgic B et al. Magn Reson Med 2014;72:1444-1459."]},
         "SusceptibilityReference": {"Reference": "mean over the brain mask"},
     }))
     if segmentation:
@@ -217,6 +218,7 @@ def test_subject_report_references_only_local_files_and_shows_the_roi_table(subj
     assert "3 T" in text and "4, 12 ms (2 echoes)" in text
     assert "integer (detected); scanner integers -4096..4095" in text and "mean over the brain mask" in text
     assert "radiological convention" in text
+    assert "qsmflow.recon.inversion.tv(iterations=250)" in text and "Bilgic B et al. Magn Reson Med 2014" in text
 
 
 def test_subject_report_is_reproducible_and_fails_clearly_on_a_missing_file(subject_scans, tmp_path):

@@ -59,6 +59,7 @@ caption { text-align: left; color: var(--muted); padding-bottom: 4px; caption-si
 th, td { border-bottom: 1px solid var(--rule); padding: 3px 10px; text-align: left; }
 th { background: #eef1f5; }
 td.number { text-align: right; font-variant-numeric: tabular-nums; }
+details > summary { cursor: pointer; color: var(--accent); margin: 4px 0; }
 footer { border-top: 1px solid var(--rule); margin-top: 24px; padding: 12px 32px 30px; color: var(--muted); font-size: 13px; }
 footer pre { background: #f5f7fa; padding: 8px; overflow-x: auto; font-size: 12px; color: var(--ink); }
 """
@@ -131,11 +132,17 @@ class Section:
         self._parts.append(f'<p class="note {kind}">{html.escape(text)}</p>')
         return self
 
-    def facts(self, facts) -> "Section":
-        """Key facts as a two-column list; ``facts`` is a dict or (name, value) pairs."""
+    def facts(self, facts, *, collapsed: str | None = None) -> "Section":
+        """Key facts as a two-column list; ``facts`` is a dict or (name, value) pairs.
+
+        With ``collapsed`` (a summary line) the list is folded away until the reader opens it.
+        """
         pairs = list(facts.items()) if isinstance(facts, dict) else list(facts)
         items = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in pairs)
-        self._parts.append(f'<dl class="facts">{items}</dl>')
+        listing = f'<dl class="facts">{items}</dl>'
+        if collapsed:
+            listing = f"<details><summary>{html.escape(collapsed)}</summary>{listing}</details>"
+        self._parts.append(listing)
         return self
 
     def figure(self, path, caption: str, *, alt: str | None = None) -> "Section":

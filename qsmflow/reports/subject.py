@@ -155,6 +155,21 @@ def scan_facts(sidecar: dict) -> list[tuple[str, str]]:
     return facts
 
 
+def method_details(sidecar: dict) -> list[tuple[str, str]]:
+    """Each reconstruction stage's function and effective parameters, then the papers cited."""
+    details, references = [], []
+    for key, label in _STAGES + (("PhaseInput", "Phase input"),):
+        entry = sidecar.get(key)
+        if not isinstance(entry, dict) or "Function" not in entry:
+            continue
+        parameters = entry.get("Parameters") or {}
+        listed = ", ".join(f"{name}={json.dumps(value)}" for name, value in parameters.items())
+        details.append((label, f"{entry['Function']}({listed})"))
+        references += [r for r in entry.get("References") or [] if r not in references]
+    details += [(f"[{number}]", reference) for number, reference in enumerate(references, start=1)]
+    return details
+
+
 def _read_sidecar(path: Path, scan: str) -> dict:
     if not path.is_file():
         raise ValueError(f"{path}: the Chimap sidecar of scan {scan} does not exist")
@@ -181,6 +196,9 @@ def _scan_section(page: ReportPage, scan: ScanReportFiles, figure_dir: Path, *, 
             references = sorted({row[header.index("reference")] for row in rows})
             facts.append(("ROI reference (roistats)", ", ".join(references)))
     section.facts(facts)
+    details = method_details(sidecar)
+    if details:
+        section.facts(details, collapsed="Methods: functions, parameters and references (from the Chimap sidecar)")
     if not brain.any():
         raise ValueError(f"{scan.brain_mask}: the brain mask of scan {scan.name} is empty")
 
