@@ -24,11 +24,20 @@ class UsageError(Exception):
     """A problem the user can fix; printed as one line without a traceback."""
 
 
-def _common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE|PRESET", help="YAML file or preset name (default: default)")
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    from .config import preset_names
+
+    parser.add_argument("--config", metavar="FILE|PRESET",
+                        help=f"YAML file or preset: {', '.join(preset_names())} (default: default); "
+                             "'qsmflow config PRESET' prints one")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
-                        help="override a configuration key, e.g. --set inversion.method=tv")
-    parser.add_argument("--work-dir", type=Path, help="nipype cache; rerunning with the same one resumes (default: OUTPUT_DIR/.work)")
+                        help="override a configuration key, e.g. --set inversion.method=tv --set inversion.tv.regularization=2e-4")
+
+
+def _common_options(parser: argparse.ArgumentParser, work_dir_default: str = "OUTPUT_DIR/.work") -> None:
+    _config_options(parser)
+    parser.add_argument("--work-dir", type=Path,
+                        help=f"nipype cache; rerunning with the same one resumes (default: {work_dir_default})")
     parser.add_argument("--nprocs", type=int, help="parallel processes for MultiProc (default: all cores)")
     parser.add_argument("--plugin", help="MultiProc (default), Linear, SLURMArray (one SLURM array task per participant), or one job per node: SLURM, SLURMGraph, SGE, PBS")
     parser.add_argument("--plugin-args", type=Path, metavar="FILE",
@@ -43,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qsmflow",
         description="Quantitative susceptibility mapping from a BIDS dataset of multi-echo GRE scans.",
         epilog="Also: 'qsmflow demo OUTPUT_DIR' runs the pipeline on a simulated cohort; "
-           "'qsmflow status WORK_DIR OUTPUT_DIR' tells where a cohort run stands.",
+           "'qsmflow status WORK_DIR OUTPUT_DIR' tells where a cohort run stands; "
+           "'qsmflow config [PRESET|FILE] [--set KEY=VALUE ...]' prints the effective configuration.",
     )
     parser.add_argument("--version", action="version", version=f"qsmflow {__version__}")
     parser.add_argument("bids_dir", type=Path, help="root of the BIDS dataset (never written to)")
@@ -59,11 +69,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_demo_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qsmflow demo", description="Simulate a small cohort and reconstruct it.")
+    parser = argparse.ArgumentParser(
+        prog="qsmflow demo", description="Simulate a small cohort and reconstruct it.",
+        epilog="Writes OUTPUT_DIR/bids (the simulated BIDS dataset with its ground truth in bids/derivatives/), "
+               "OUTPUT_DIR/derivatives/qsmflow (the reconstruction), OUTPUT_DIR/work (the cache) and "
+               "OUTPUT_DIR/demo_accuracy.tsv (ROI means against the truth); about 280 MB for 3 subjects.")
     parser.add_argument("output_dir", type=Path, help="directory for the simulated dataset and the derivatives")
     parser.add_argument("--subjects", type=int, default=3, help="number of simulated subjects (default: 3)")
-    _common_options(parser)
+    _common_options(parser, work_dir_default="OUTPUT_DIR/work")
     return parser
+
+
+def build_config_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qsmflow config",
+        description="Print the effective configuration (a preset or file merged with the defaults and --set, "
+                    "validated) as YAML; a file of it can be given to --config.")
+    parser.add_argument("config", nargs="?", metavar="PRESET|FILE", help="preset name or YAML file (default: default)")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                        help="override a configuration key, e.g. --set inversion.tv.regularization=2e-4")
+    return parser
+
+
+def main_config(argv) -> int:
+    """``qsmflow config``: print the merged, validated configuration; exit 2 naming a bad key."""
+    from .config import ConfigError, config_yaml, load_config
+
+    args = build_config_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"qsmflow: error: {error}", file=sys.stderr)
+        return 2
+    sys.stdout.write(config_yaml(config))
+    return 0
 
 
 def build_status_parser() -> argparse.ArgumentParser:
@@ -137,11 +176,11 @@ def _load_config(args):
         overrides.append(f"execution.plugin={args.plugin}")
     config = load_config(args.config, overrides)
     if args.plugin_args:
-        import yaml
+        from .config import load_yaml
 
         if not args.plugin_args.is_file():
             raise UsageError(f"{args.plugin_args}: plugin arguments file not found")
-        extra = yaml.safe_load(args.plugin_args.read_text()) or {}
+        extra = load_yaml(args.plugin_args.read_text()) or {}
         if not isinstance(extra, dict):
             raise UsageError(f"{args.plugin_args}: expected a mapping of plugin arguments")
         config["execution"]["plugin_args"] = {**config["execution"]["plugin_args"], **extra}
@@ -356,6 +395,8 @@ def run_demo(output_dir: Path, *, subjects: int, config: dict, work_dir: Path | 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "config":
+        return main_config(argv[1:])
     command = argv[0] if argv and argv[0] in ("demo", "status") else None
     if command == "status":
         from .status import main_status

@@ -98,6 +98,22 @@ def test_unclear_phase_range_stops_that_scan_naming_the_setting_and_the_file(con
     assert (conventions_run["output"] / "sub-radians" / "anat" / "sub-radians_Chimap.nii.gz").is_file()
 
 
+@pytest.mark.slow
+def test_written_types_are_those_the_readme_states(conventions_run):
+    """Maps float32, masks uint8 (README, Outputs); the field maps' magnitude keeps the input's type."""
+    written = sorted((conventions_run["output"] / "sub-radians").rglob("*.nii.gz"))
+    assert len(written) >= 6, written
+    for path in written:
+        dtype = nib.load(str(path)).get_data_dtype()
+        if path.name.endswith("_mask.nii.gz"):
+            assert dtype == np.uint8, path.name
+        elif path.name.endswith("_magnitude.nii.gz"):
+            source = conventions_run["bids"] / "sub-radians" / "anat" / "sub-radians_echo-1_part-mag_MEGRE.nii"
+            assert dtype == nib.load(str(source)).get_data_dtype(), path.name
+        else:
+            assert dtype == np.float32, path.name
+
+
 def _write_echoes(tmp_path, phases):
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     magnitude, phase = [], []
