@@ -48,7 +48,7 @@ def test_noise_free_fit_is_exact(voxels, name):
     clean = _signal(TIMES, voxels["field"], voxels["offset"], voxels["r2star"])
     phase = _exact_unwrapped(clean, clean, TIMES, voxels["field"], voxels["offset"])
     result = FIELD_FITS[name](phase, np.abs(clean), TIMES)
-    assert set(result) == {"field_hz", "phase_offset", "residual"}
+    assert set(result) == {"field_hz", "phase_offset", "residual", "field_weight"}
     for value in result.values():
         assert value.dtype == np.float32 and value.shape == SHAPE
     np.testing.assert_allclose(result["field_hz"], voxels["field"], atol=2e-3)

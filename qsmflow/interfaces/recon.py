@@ -212,6 +212,7 @@ class _FitFieldInputSpec(_MethodInputSpec):
 
 class _FitFieldOutputSpec(_ProvenanceOutputSpec):
     field_hz = File(exists=True, desc="total field map (Hz)")
+    field_weight = File(exists=True, desc="inverse standard deviation of the field (relative), the data weight")
     mask = File(exists=True, desc="brain mask without voxels whose phase the fit cannot explain")
 
 
@@ -229,6 +230,7 @@ class FitField(SimpleInterface):
         fit = function(_as_4d(unwrapped), _as_4d(magnitude), self.inputs.echo_times, mask=mask, **self.inputs.parameters)
         field_hz = np.where(mask, fit["field_hz"], 0.0)
         self._results["field_hz"] = save_like(field_hz, image, "total_field_hz.nii")
+        self._results["field_weight"] = save_like(np.where(mask, fit["field_weight"], 0.0), image, "field_weight.nii")
         provenance = function_provenance(function, self.inputs.parameters)
         provenance["EchoTimes"] = list(self.inputs.echo_times)
         if self.inputs.outlier_factor is not None:
@@ -272,12 +274,50 @@ class R2Star(SimpleInterface):
         return runtime
 
 
+def _weight_arguments(function, files: dict) -> dict:
+    """The weight volumes among ``files`` (keyword -> path or undefined) that ``function`` takes."""
+    import inspect
+
+    accepted = inspect.signature(function).parameters
+    return {key: load_volume(path)[0] for key, path in files.items() if isdefined(path) and key in accepted}
+
+
+# ---------------------------------------------------------------------------------------------
+class _EdgeWeightInputSpec(BaseInterfaceInputSpec):
+    magnitude = File(exists=True, mandatory=True, desc="magnitude (4-D: all echoes)")
+    mask = File(exists=True, mandatory=True)
+    edge_fraction = traits.Float(0.1, usedefault=True, desc="fraction of the mask marked as edges")
+
+
+class _EdgeWeightOutputSpec(_ProvenanceOutputSpec):
+    gradient_weight = File(exists=True, desc="0 on magnitude edges, 1 elsewhere")
+
+
+class EdgeWeight(SimpleInterface):
+    """MEDI gradient weight (edges of the magnitude) for edge-preserving inversions."""
+
+    input_spec = _EdgeWeightInputSpec
+    output_spec = _EdgeWeightOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..recon.masking import edge_weight
+
+        magnitude, image = load_volume(self.inputs.magnitude)
+        mask = load_volume(self.inputs.mask, dtype=np.uint8)[0] > 0
+        weight = edge_weight(magnitude, mask, dipole.voxel_sizes_from_affine(image.affine),
+                             edge_fraction=self.inputs.edge_fraction)
+        self._results["gradient_weight"] = save_like(weight, image, "gradient_weight.nii")
+        self._results["provenance"] = function_provenance(edge_weight, {"edge_fraction": self.inputs.edge_fraction})
+        return runtime
+
+
 # ---------------------------------------------------------------------------------------------
 class _BackgroundInputSpec(_MethodInputSpec):
     field_hz = File(exists=True, mandatory=True, desc="total field (Hz)")
     mask = File(exists=True, mandatory=True)
     field_strength = traits.Float(mandatory=True, desc="tesla")
     b0_direction = traits.List(traits.Float, desc="B0 in voxel axes; default from the affine")
+    weight = File(exists=True, desc="data weight (e.g. the echo fit's field_weight), for methods with a weight")
 
 
 class _BackgroundOutputSpec(_ProvenanceOutputSpec):
@@ -297,9 +337,10 @@ class RemoveBackground(SimpleInterface):
         function = registry("background")[self.inputs.method]
         b0_direction = _b0_direction(self.inputs.b0_direction, image)
         total_ppm = dipole.hz_to_ppm(field_hz, self.inputs.field_strength).astype(np.float32)
+        weights = _weight_arguments(function, {"weight": self.inputs.weight})
         local, reduced = function(
             total_ppm, mask, dipole.voxel_sizes_from_affine(image.affine),
-            b0_direction=b0_direction, **self.inputs.parameters,
+            b0_direction=b0_direction, **weights, **self.inputs.parameters,
         )
         if not reduced.any():
             raise ValueError(f"{self.inputs.mask}: nothing of the mask is left after background removal")
@@ -307,6 +348,7 @@ class RemoveBackground(SimpleInterface):
         self._results["mask"] = save_like(reduced, image, "local_mask.nii", dtype=np.uint8)
         provenance = function_provenance(function, self.inputs.parameters)
         provenance["B0Direction"] = b0_direction
+        provenance["Weights"] = sorted(weights)
         provenance["MaskFractionKept"] = float(reduced.sum() / max(mask.sum(), 1))
         self._results["provenance"] = provenance
         return runtime
@@ -314,9 +356,12 @@ class RemoveBackground(SimpleInterface):
 
 # ---------------------------------------------------------------------------------------------
 class _InversionInputSpec(_MethodInputSpec):
-    local_field = File(exists=True, mandatory=True, desc="local field (ppm)")
+    local_field = File(exists=True, desc="local field (ppm); for a total-field inversion give field_hz instead")
+    field_hz = File(exists=True, desc="total field (Hz), for total-field inversions (TOTAL_FIELD_INVERSIONS)")
+    field_strength = traits.Float(desc="tesla, to convert field_hz to ppm")
     mask = File(exists=True, mandatory=True)
-    magnitude = File(exists=True, desc="4-D magnitude, for methods that weight by it")
+    data_weight = File(exists=True, desc="data weight (the echo fit's field_weight), for methods with data_weight")
+    gradient_weight = File(exists=True, desc="MEDI edge weight (EdgeWeight), for methods with gradient_weight")
     b0_direction = traits.List(traits.Float)
 
 
@@ -331,14 +376,29 @@ class InvertDipole(SimpleInterface):
     output_spec = _InversionOutputSpec
 
     def _run_interface(self, runtime):
-        local, image = load_volume(self.inputs.local_field)
+        from ..recon.inversion import TOTAL_FIELD_INVERSIONS
+
+        if self.inputs.method in TOTAL_FIELD_INVERSIONS:
+            if not (isdefined(self.inputs.field_hz) and isdefined(self.inputs.field_strength)):
+                raise ValueError(f"inversion {self.inputs.method!r} takes the total field: connect field_hz and "
+                                 "set field_strength")
+            field_hz, image = load_volume(self.inputs.field_hz)
+            field = dipole.hz_to_ppm(field_hz, self.inputs.field_strength).astype(np.float32)
+        elif isdefined(self.inputs.local_field):
+            field, image = load_volume(self.inputs.local_field)
+        else:
+            raise ValueError(f"inversion {self.inputs.method!r} needs the local field (local_field)")
         mask = load_volume(self.inputs.mask, dtype=np.uint8)[0] > 0
         function = registry("inversion")[self.inputs.method]
         b0_direction = _b0_direction(self.inputs.b0_direction, image)
-        chi = function(local, mask, dipole.voxel_sizes_from_affine(image.affine), b0_direction=b0_direction, **self.inputs.parameters)
+        weights = _weight_arguments(function, {"data_weight": self.inputs.data_weight,
+                                               "gradient_weight": self.inputs.gradient_weight})
+        chi = function(field, mask, dipole.voxel_sizes_from_affine(image.affine), b0_direction=b0_direction,
+                       **weights, **self.inputs.parameters)
         self._results["chi"] = save_like(np.where(mask, chi, 0.0), image, "chi_unreferenced.nii")
         provenance = function_provenance(function, self.inputs.parameters)
         provenance["B0Direction"] = b0_direction
+        provenance["Weights"] = sorted(weights)
         self._results["provenance"] = provenance
         return runtime
 

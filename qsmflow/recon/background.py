@@ -361,11 +361,41 @@ def lbv(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), toleranc
 
     local = _conjugate_gradient(negative_laplacian, rhs, tolerance=tolerance, iterations=iterations,
                                 precondition=precondition)
+    _check_lbv_solution(local, negative_laplacian(local) - rhs, rhs, field, interior, iterations)
     reduced = interior
     if peel:
         reduced = ndi.binary_erosion(interior, ndi.generate_binary_structure(3, 1), iterations=int(peel))
     local *= reduced
     return grid.restore(local.astype(np.float32)), grid.restore(reduced)
+
+
+#: LBV fails the scan when the Poisson residual stays above this fraction of the right-hand side.
+LBV_MAX_RELATIVE_RESIDUAL = 0.1
+
+
+def _check_lbv_solution(local, residual, rhs, field, interior, iterations):
+    """Raise ValueError when LBV's solve diverged or stalled instead of writing a wrong map.
+
+    Two checks that a correct solution always passes: the Poisson residual
+    ``||L local - L field|| / ||L field||`` is small (below :data:`LBV_MAX_RELATIVE_RESIDUAL`),
+    and the local field, a part of the total field, has at most twice the total field's RMS
+    inside the mask (both demeaned; equal RMS when there is no background).
+    """
+    rhs_norm = float(np.linalg.norm(rhs))
+    relative = float(np.linalg.norm(residual)) / rhs_norm if rhs_norm > 0 else 0.0
+    if not np.all(np.isfinite(local)) or not np.isfinite(relative):
+        raise ValueError("LBV diverged: the local field has non-finite values")
+    if relative > LBV_MAX_RELATIVE_RESIDUAL:
+        raise ValueError(f"LBV did not converge: relative residual {relative:.3g} after at most {int(iterations)} "
+                         f"iterations (limit {LBV_MAX_RELATIVE_RESIDUAL}); use another background method "
+                         "(background.method: pdf or vsharp) or raise background.lbv.iterations")
+    values, total = local[interior], field[interior]
+    local_energy = float(np.sum((values - values.mean()) ** 2))
+    total_energy = float(np.sum((total - total.mean()) ** 2))
+    if local_energy > 4.0 * total_energy:
+        raise ValueError(f"LBV diverged: the local field's RMS is {np.sqrt(local_energy / total_energy):.2f} "
+                         "times the total field's inside the mask; use another background method "
+                         "(background.method: pdf or vsharp)")
 
 
 BACKGROUND_METHODS = {

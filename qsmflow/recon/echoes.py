@@ -4,8 +4,10 @@ Arrays are 4-D with echoes on the last axis; echo times are in seconds.
 
 Registry: :data:`FIELD_FITS` maps a config name to a function with the signature
 ``(unwrapped_phase, magnitude, echo_times, *, mask=None, **params) -> dict`` whose values are
-``field_hz`` (Hz), ``phase_offset`` (rad, the phase at TE = 0) and ``residual`` (weighted RMS
-phase misfit, rad), all float32 3-D arrays and zero outside the mask.
+``field_hz`` (Hz), ``phase_offset`` (rad, the phase at TE = 0), ``residual`` (weighted RMS
+phase misfit, rad) and ``field_weight`` (inverse standard deviation of ``field_hz`` up to the
+noise level, the data weight of weighted inversions), all float32 3-D arrays and zero outside
+the mask.
 """
 from __future__ import annotations
 
@@ -167,19 +169,34 @@ def weighted_line_fit(values, weights, echo_times):
     return intercept, slope, fit.valid
 
 
-def _finish(field_hz, offset, residual, valid, mask):
+def _finish(field_hz, offset, residual, valid, mask, field_weight):
     keep = valid if mask is None else valid & mask
-    result = {"field_hz": field_hz, "phase_offset": offset, "residual": residual}
+    result = {"field_hz": field_hz, "phase_offset": offset, "residual": residual, "field_weight": field_weight}
     for key, value in result.items():
         value = np.asarray(value, dtype=np.float32)
         result[key] = np.where(keep, value, np.float32(0.0)).astype(np.float32)
     return result
 
 
-def _single_echo_field(phase, echo_time, mask):
+def _single_echo_field(phase, magnitude, echo_time, mask):
     field = phase[..., 0] / np.float32(2.0 * np.pi * echo_time)
     zeros = np.zeros(field.shape, np.float32)
-    return _finish(field, zeros, zeros, np.ones(field.shape, bool), mask)
+    # The field's noise is that of the phase, sigma / |S|, divided by 2 pi TE.
+    weight = magnitude[..., 0] * np.float32(echo_time * 1e3)
+    return _finish(field, zeros, zeros, np.ones(field.shape, bool), mask, weight)
+
+
+def _field_weight(fit: "_LineFit") -> np.ndarray:
+    """Inverse standard deviation of the fitted slope, up to the noise level (magnitude x ms).
+
+    With weights ``|S_n|^2`` (inverse phase variances up to sigma^2) the slope's variance is
+    ``sigma^2 s0 / det`` (``det = s0 s2 - s1^2``); its inverse square root is the voxel's
+    reliability as a data weight (MEDI's noise weighting, Liu T et al., MRM 2013;69:467-476).
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        weight = np.sqrt(np.maximum(fit.det, 0) / np.where(fit.s0 > 0, fit.s0, 1.0))
+    weight[~fit.valid] = 0.0
+    return weight.astype(np.float32)
 
 
 def fit_field_linear(unwrapped_phase, magnitude, echo_times, *, mask=None) -> dict:
@@ -206,9 +223,10 @@ def fit_field_linear(unwrapped_phase, magnitude, echo_times, *, mask=None) -> di
 
     Returns
     -------
-    dict with float32 3-D arrays ``field_hz`` (Hz), ``phase_offset`` (rad at TE = 0) and
-    ``residual`` (magnitude²-weighted RMS misfit, rad). Voxels with fewer than two echoes of
-    non-zero magnitude are 0.
+    dict with float32 3-D arrays ``field_hz`` (Hz), ``phase_offset`` (rad at TE = 0),
+    ``residual`` (magnitude²-weighted RMS misfit, rad) and ``field_weight`` (the inverse
+    standard deviation of ``field_hz`` up to the noise level, magnitude x ms). Voxels with fewer
+    than two echoes of non-zero magnitude are 0.
 
     References
     ----------
@@ -223,14 +241,14 @@ def fit_field_linear(unwrapped_phase, magnitude, echo_times, *, mask=None) -> di
         unwrapped_phase, magnitude, echo_times, mask, phase_name="unwrapped_phase"
     )
     if phase.shape[-1] == 1:
-        return _single_echo_field(phase, times[0], mask)
+        return _single_echo_field(phase, magnitude, times[0], mask)
     weights = [magnitude[..., n] ** 2 for n in range(phase.shape[-1])]
     values = [phase[..., n] for n in range(phase.shape[-1])]
     fit = _LineFit(weights, times)
     intercept, slope = fit.solve(values)
     residual = fit.residual(values, intercept, slope)
     offset, slope_per_s = fit.at_zero(intercept, slope)
-    return _finish(slope_per_s / TWO_PI, offset, residual, fit.valid, mask)
+    return _finish(slope_per_s / TWO_PI, offset, residual, fit.valid, mask, _field_weight(fit))
 
 
 def fit_field_complex(
@@ -284,7 +302,7 @@ def fit_field_complex(
         unwrapped_phase, magnitude, echo_times, mask, phase_name="unwrapped_phase"
     )
     if phase.shape[-1] == 1:
-        return _single_echo_field(phase, times[0], mask)
+        return _single_echo_field(phase, magnitude, times[0], mask)
     weights = [magnitude[..., n] ** 2 for n in range(phase.shape[-1])]
     values = [phase[..., n] for n in range(phase.shape[-1])]
     fit = _LineFit(weights, times)
@@ -300,7 +318,7 @@ def fit_field_complex(
             break
     residual = fit.residual(values, intercept, slope, wrapped=True)
     offset, slope_per_s = fit.at_zero(intercept, slope)
-    return _finish(slope_per_s / TWO_PI, offset, residual, fit.valid, mask)
+    return _finish(slope_per_s / TWO_PI, offset, residual, fit.valid, mask, _field_weight(fit))
 
 
 #: Field fits by config name; signature ``(unwrapped_phase, magnitude, echo_times, *, mask, **params)``.

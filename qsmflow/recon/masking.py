@@ -188,4 +188,52 @@ def reliable_field_mask(mask: np.ndarray, residual: np.ndarray, *, outlier_facto
     return _largest_component(reliable)
 
 
+def edge_weight(magnitude: np.ndarray, mask: np.ndarray, voxel_size, *, edge_fraction: float = 0.1) -> np.ndarray:
+    """MEDI gradient weight: 0 on the strongest magnitude edges inside the mask, 1 elsewhere.
+
+    Tissue boundaries visible in the magnitude are where susceptibility may jump, so the total
+    variation is not charged there (morphology enabled dipole inversion: Liu T et al., MRM
+    2011;66:777-783; Liu J et al., NeuroImage 2012;59:2560-2568). The magnitude (root sum of
+    squares over echoes) is normalised by its mean in the mask; the voxels of the mask whose
+    gradient magnitude is among the largest ``edge_fraction`` are edges (MEDI's default keeps
+    90 % of the mask as non-edge).
+
+    Parameters
+    ----------
+    magnitude : 3-D or 4-D array
+        Magnitude (4-D: echoes on the last axis).
+    mask : 3-D bool array
+    voxel_size : sequence of 3 floats (mm)
+    edge_fraction : float in [0, 1)
+        Fraction of the mask's voxels marked as edges.
+
+    Returns
+    -------
+    float32 array, 1 outside the mask and on non-edges, 0 on edges.
+    """
+    magnitude = np.asarray(magnitude, dtype=np.float32)
+    mask = np.asarray(mask, dtype=bool)
+    sizes = _validate_voxel_size(voxel_size)
+    if magnitude.ndim == 4:
+        magnitude = np.sqrt(np.einsum("xyze,xyze->xyz", magnitude, magnitude))
+    if magnitude.shape != mask.shape:
+        raise ValueError(f"magnitude shape {magnitude.shape} does not match the mask {mask.shape}")
+    if not mask.any():
+        raise ValueError("mask is empty")
+    if not np.all(np.isfinite(magnitude[mask])):
+        raise ValueError("magnitude contains NaN or infinite values in the mask")
+    if not 0.0 <= edge_fraction < 1.0:
+        raise ValueError(f"edge_fraction must lie in [0, 1), got {edge_fraction!r}")
+    scale = float(magnitude[mask].mean())
+    if scale <= 0:
+        raise ValueError("magnitude is zero everywhere in the mask")
+    image = magnitude / np.float32(scale)
+    gradient = np.sqrt(sum((np.gradient(image, float(d), axis=axis)) ** 2 for axis, d in enumerate(sizes)))
+    weight = np.ones(mask.shape, np.float32)
+    if edge_fraction > 0:
+        level = np.quantile(gradient[mask], 1.0 - edge_fraction)
+        weight[mask & (gradient > level)] = 0.0
+    return weight
+
+
 MASKING_METHODS = {"threshold": brain_mask_from_magnitude}
