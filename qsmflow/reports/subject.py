@@ -190,11 +190,12 @@ def _scan_section(page: ReportPage, scan: ScanReportFiles, figure_dir: Path, *, 
     qsm = _load(scan.qsm_mask, "QSM mask", scan.name, shape=shape)[0] > 0
     sidecar = _read_sidecar(Path(scan.sidecar) if scan.sidecar else Path(str(scan.chimap).replace(".nii.gz", ".json").replace(".nii", ".json")), scan.name)
     facts = scan_facts(sidecar)
+    roi_references = []
     if scan.roistats:
         header, rows = read_tsv(scan.roistats)
-        if "reference" in header and rows:
-            references = sorted({row[header.index("reference")] for row in rows})
-            facts.append(("ROI reference (roistats)", ", ".join(references)))
+        if "reference" in header:
+            roi_references = sorted({row[header.index("reference")] for row in rows})
+            facts.append(("ROI values relative to", ", ".join(roi_references) or "n/a"))
     section.facts(facts)
     details = method_details(sidecar)
     if details:
@@ -237,8 +238,11 @@ def _scan_section(page: ReportPage, scan: ScanReportFiles, figure_dir: Path, *, 
         section.note("Segmentation was not run for this scan (segmentation disabled): no labels and no ROI statistics.")
 
     if scan.roistats:
-        section.table_from_tsv(scan.roistats, caption=f"ROI statistics ({Path(scan.roistats).name}); χ values in ppm.",
-                               decimals=_ROI_DECIMALS)
+        header = read_tsv(scan.roistats)[0]
+        relative = f", relative to {', '.join(roi_references)}" if roi_references else ""
+        # the reference is the same in every row: it goes into the caption, not a column
+        section.table_from_tsv(scan.roistats, caption=f"ROI statistics ({Path(scan.roistats).name}); χ in ppm{relative}.",
+                               columns=[c for c in header if c != "reference" or len(roi_references) > 1], decimals=_ROI_DECIMALS)
     elif scan.dseg:
         section.note("No ROI statistics table was given for this scan.")
 
