@@ -96,16 +96,17 @@ def test_outputs_follow_the_derivatives_contract(reconstructed):
     assert description["DatasetType"] == "derivative"
     assert description["GeneratedBy"][0]["Name"] == "qsmflow"
     source = nib.load(str(reconstructed["bids"] / "sub-axial" / "anat" / "sub-axial_echo-1_part-phase_MEGRE.nii"))
-    expected_units = {"Chimap": "ppm", "desc-brain_mask": "arbitrary", "desc-qsm_mask": "arbitrary",
-                      "desc-total_fieldmap": "Hz", "desc-local_fieldmap": "ppm", "R2starmap": "1/s"}
-    for suffix, units in expected_units.items():
-        image = nib.load(str(out / "sub-axial" / "anat" / f"sub-axial_{suffix}.nii.gz"))
+    expected_units = {("anat", "Chimap"): "ppm", ("anat", "desc-brain_mask"): "arbitrary",
+                      ("anat", "desc-qsm_mask"): "arbitrary", ("fmap", "desc-total_fieldmap"): "Hz",
+                      ("fmap", "desc-local_fieldmap"): "ppm", ("fmap", "magnitude"): "arbitrary", ("anat", "R2starmap"): "1/s"}
+    for (datatype, suffix), units in expected_units.items():
+        image = nib.load(str(out / "sub-axial" / datatype / f"sub-axial_{suffix}.nii.gz"))
         assert image.shape == source.shape
         np.testing.assert_allclose(image.affine, source.affine, atol=1e-5)
-        sidecar = json.loads((out / "sub-axial" / "anat" / f"sub-axial_{suffix}.json").read_text())
+        sidecar = json.loads((out / "sub-axial" / datatype / f"sub-axial_{suffix}.json").read_text())
         assert sidecar["Units"] == units
         assert sidecar["MagneticFieldStrength"] == 3.0
-        assert sidecar["EchoTime"] == [float(t) for t in ECHO_TIMES]
+        assert sidecar["EchoTime"] == (float(ECHO_TIMES[0]) if suffix == "magnitude" else [float(t) for t in ECHO_TIMES])
     assert nib.load(str(out / "sub-axial" / "anat" / "sub-axial_Chimap.nii.gz")).get_data_dtype() == np.float32
     chimap = json.loads((out / "sub-axial" / "anat" / "sub-axial_Chimap.json").read_text())
     for stage in ("PhaseUnwrapping", "EchoCombination", "BackgroundFieldRemoval", "DipoleInversion"):
