@@ -402,6 +402,8 @@ def _check_known_keys(layer: Mapping, reference: Mapping, source: str, prefix: s
                 continue  # parameters of a method: checked against its signature by the schema
             known = ", ".join(sorted(map(str, reference)))
             raise ConfigError(f"{source}: unknown configuration key '{dotted}' (known here: {known})")
+        if prefix[:-1] in ALGORITHM_STAGES and key != "method":
+            continue  # a method's parameters (the default may list some): checked against its signature
         if isinstance(value, Mapping) and isinstance(reference[key], Mapping) and reference[key]:
             _check_known_keys(value, reference[key], source, dotted + ".")
 

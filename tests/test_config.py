@@ -96,6 +96,14 @@ def test_bad_values_name_the_key_and_the_allowed_values(override, key, allowed):
     assert f"--set {override}" in message  # where the value came from
 
 
+def test_parameters_of_a_method_listed_in_the_default_are_not_the_only_ones():
+    """default.yaml sets background.pdf.padding; the other PDF parameters must stay settable."""
+    config = load_config(None, ["background.pdf.tolerance=1e-2", "background.pdf.iterations=80"])
+    assert config["background"]["pdf"] == {"padding": 0, "tolerance": 0.01, "iterations": 80}
+    with pytest.raises(ConfigError, match=r"'background\.pdf\.tolerence'.*not a parameter of pdf"):
+        load_config(None, ["background.pdf.tolerence=1e-2"])
+
+
 def test_every_error_is_reported_at_once():
     with pytest.raises(ConfigError) as error:
         load_config(None, ["inversion.tv.regularization=-1", "execution.nprocs=0", "unwrap.quality.seed=1.5"])
