@@ -70,6 +70,7 @@ def participant_level(bids_dir: Path, output_dir: Path, config: dict, participan
 #: Level name -> builder, or "module:function" imported when the level is run.
 LEVELS = {
     "participant": participant_level,
+    "group": "qsmflow.workflows.group:group_level",
 }
 
 
