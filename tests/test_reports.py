@@ -84,6 +84,12 @@ def test_slice_indices_centre_on_the_mask_and_stay_inside():
         figures.slice_indices(np.zeros((4, 4, 4), bool), 0, 3)
 
 
+def test_labels_sharing_a_name_share_a_colour():
+    colours = figures.label_colours([101, 201, 102, 202, 7], {101: "putamen", 201: "putamen", 102: "pallidum", 202: "pallidum"})
+    assert colours[101] == colours[201] and colours[102] == colours[202]
+    assert len({colours[101], colours[102], colours[7]}) == 3
+
+
 def test_figures_reject_bad_requests(tmp_path):
     volume = np.ones((8, 8, 8), np.float32)
     with pytest.raises(ValueError, match=r"\.png or \.svg"):

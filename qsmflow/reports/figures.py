@@ -486,9 +486,20 @@ def plot_registration(out_file, subject, template, affine, *, mask=None, orienta
     return plot_slices(out_file, affine, layers, slice_mask=where, orientation=orientation, count=count, title=title)
 
 
-def label_colours(indices) -> dict:
-    """A distinct colour for each label value, in sorted order (repeating after 24 labels)."""
-    return {int(index): _LABEL_COLOURS[position % len(_LABEL_COLOURS)] for position, index in enumerate(sorted(int(i) for i in indices))}
+def label_colours(indices, label_names: dict | None = None) -> dict:
+    """A distinct colour for each label value, in sorted order (repeating after 24 colours).
+
+    Values with the same name in ``label_names`` (e.g. the left and right putamen, both named
+    ``"putamen"``) share one colour.
+    """
+    label_names = label_names or {}
+    colours, by_name = {}, {}
+    for index in sorted(int(i) for i in indices):
+        name = label_names.get(index, f"label {index}")
+        if name not in by_name:
+            by_name[name] = _LABEL_COLOURS[len(by_name) % len(_LABEL_COLOURS)]
+        colours[index] = by_name[name]
+    return colours
 
 
 def plot_labels(out_file, chi, labels, affine, label_names: dict, *, mask=None, window: float = CHI_WINDOW_PPM,
@@ -502,8 +513,10 @@ def plot_labels(out_file, chi, labels, affine, label_names: dict, *, mask=None, 
     labels : 3-D int array
         0 is background.
     label_names : dict
-        Label value -> name shown in the legend (e.g. ``{1: "CN left"}``); values present in
-        ``labels`` but missing here are listed by number.
+        Label value -> name shown in the legend; values present in ``labels`` but missing here
+        are listed by number. Values that share a name share a colour and one legend entry: name
+        a structure's left and right labels alike (the side shows in the image) to halve the
+        colours needed.
     mask : 3-D array, optional
         Frame of the panels (default: non-zero ``chi``); slices centre on the labels.
     """
@@ -513,7 +526,7 @@ def plot_labels(out_file, chi, labels, affine, label_names: dict, *, mask=None, 
     present = [int(v) for v in np.unique(labels) if v != 0]
     if not present:
         raise ValueError("the label image has no non-zero label")
-    colours = label_colours(present)
+    colours = label_colours(present, label_names)
     # One colour bin per label value: labels need not be consecutive.
     values = np.array(present, dtype=np.float64)
     edges = np.concatenate(([values[0] - 0.5], (values[:-1] + values[1:]) / 2, [values[-1] + 0.5]))
@@ -523,6 +536,10 @@ def plot_labels(out_file, chi, labels, affine, label_names: dict, *, mask=None, 
     frame = np.asarray(mask) > 0 if mask is not None else chi != 0
     layers = [ImageLayer(chi, cmap="gray", vmin=-window, vmax=window),
               ImageLayer(labels.astype(np.float32), cmap=cmap, norm=norm, alpha=alpha, transparent_zero=True)]
-    legend = [(str(label_names.get(v, f"label {v}")), colours[v]) for v in present]
+    legend = []
+    for value in present:
+        entry = (str(label_names.get(value, f"label {value}")), colours[value])
+        if entry not in legend:
+            legend.append(entry)
     return plot_slices(out_file, affine, layers, slice_mask=labels > 0, frame_mask=frame, orientation=orientation,
                        count=count, spread=0.5, legend=legend, title=title)

@@ -90,9 +90,10 @@ def _load(path, role: str, scan: str, *, shape=None):
     return data, image.affine
 
 
-def label_names_from_tsv(path) -> dict:
+def label_names_from_tsv(path, *, with_hemisphere: bool = True) -> dict:
     """Label value -> display name from a BIDS ``_dseg.tsv`` (``index``, ``name`` and an
-    optional ``hemisphere`` column, appended to the name when the name does not say it)."""
+    optional ``hemisphere`` column, appended to the name when the name does not say it and
+    ``with_hemisphere``)."""
     header, rows = read_tsv(path)
     if "index" not in header or "name" not in header:
         raise ValueError(f"{path}: a dseg table needs 'index' and 'name' columns, found {header}")
@@ -105,7 +106,7 @@ def label_names_from_tsv(path) -> dict:
             raise ValueError(f"{path}: index {cells['index']!r} is not an integer") from None
         name = cells["name"]
         hemisphere = cells.get("hemisphere", "n/a")
-        if hemisphere not in {"", "n/a", "bilateral"} and hemisphere.lower() not in name.lower():
+        if with_hemisphere and hemisphere not in {"", "n/a", "bilateral"} and hemisphere.lower() not in name.lower():
             name = f"{name} ({hemisphere})"
         names[index] = name
     return names
@@ -227,11 +228,13 @@ def _scan_section(page: ReportPage, scan: ScanReportFiles, figure_dir: Path, *, 
 
     if scan.dseg:
         labels = np.rint(_load(scan.dseg, "label image (dseg)", scan.name, shape=shape)[0]).astype(np.int32)
-        names = label_names_from_tsv(scan.dseg_tsv) if scan.dseg_tsv else {}
+        # one colour per structure, both sides alike: the side is plain in the image
+        names = label_names_from_tsv(scan.dseg_tsv, with_hemisphere=False) if scan.dseg_tsv else {}
         if labels.any():
             labels_figure = figure_dir / f"{prefix}_dseg.{figure_format}"
             figures.plot_labels(labels_figure, chi, labels, affine, names, mask=brain, window=chi_window, orientation=orientation)
-            section.figure(labels_figure, f"ROI labels (dseg) over the Chimap (±{chi_window:g} ppm); slices centred on the labels.")
+            section.figure(labels_figure, f"ROI labels (dseg) over the Chimap (±{chi_window:g} ppm), one colour per structure "
+                                          "(left and right alike); slices centred on the labels.")
         else:
             section.note(f"The label image {Path(scan.dseg).name} holds no label.")
     else:
