@@ -282,3 +282,30 @@ def test_subject_report_workflow_joins_scans_and_declares_the_subject_unit(subje
     finally:
         roistats.write_text(original)
     assert "CSF of the lateral ventricles" in page.read_text()
+
+
+def test_subject_reports_join_every_scan_of_each_subject_in_the_participant_workflow(tmp_path):
+    from qsmflow.bids import collect_scans
+    from qsmflow.config import load_config
+    from qsmflow.workflows.base import init_participant_wf, subject_workflow_name
+    from qsmflow.workflows.reports import add_subject_reports
+    from qsmflow.workunits import collect_units
+
+    bids = simulate.write_bids_dataset(tmp_path / "bids", [{"label": "01", "age": 30, "sessions": ["1", "2"]}, {"label": "02", "age": 60, "sessions": ["1"]}],
+                                       shape=(24, 28, 24), voxel_size=(6.0, 6.0, 6.0), echo_times=(0.004, 0.012))
+    scans, errors = collect_scans(bids)
+    assert not errors and len(scans) == 3
+    config = load_config(None)
+    workflow = init_participant_wf(scans, config, tmp_path / "out")
+    subjects = {label: workflow.get_node(subject_workflow_name(label)) for label in ("01", "02")}
+    scan_wfs = {id(s): subjects[s.subject].get_node(f"{s.node_name}_{s.suffix}_wf") for s in scans}
+    reports = add_subject_reports(subjects, scans, scan_wfs, config, tmp_path / "out")
+
+    assert reports["01"].get_node("subject_report").inputs.scan_names == ["sub-01_ses-1_MEGRE", "sub-01_ses-2_MEGRE"]
+    assert "execution" not in reports["01"].get_node("subject_report").inputs.config
+    joined = {edge[0].name for edge in subjects["01"]._graph.in_edges(reports["01"])}
+    assert joined == {"sub_01_ses_1_MEGRE_wf", "sub_01_ses_2_MEGRE_wf"}
+    units = {unit.name: unit for unit in collect_units(workflow)}
+    assert units["sub-01"].kind == "subject" and units["sub-01"].outputs == ["sub-01.html"]
+    assert units["sub-02"].outputs == ["sub-02.html"]
+    assert any(node.endswith("subject_report_wf.subject_report") for node in units["sub-01"].nodes)

@@ -1,6 +1,7 @@
 """Report workflows: the participant report joins every scan of a subject."""
 from __future__ import annotations
 
+import numpy as np
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
@@ -19,8 +20,8 @@ def scan_input(field: str, index: int) -> str:
 
 
 def init_subject_report_wf(subject: str, scan_names, output_dir, config: dict | None = None, *, segmentation: bool = False,
-                           orientation: str = "radiological", chi_window: float = 0.15, mem_gb: float = 1.0,
-                           name: str = "subject_report_wf"):
+                           orientation: str = "radiological", chi_window: float = 0.15, figure_format: str = "png",
+                           mem_gb: float = 1.0, name: str = "subject_report_wf"):
     """Write ``OUTPUT_DIR/sub-<subject>.html`` with a section per scan of the subject.
 
     Parameters
@@ -37,6 +38,8 @@ def init_subject_report_wf(subject: str, scan_names, output_dir, config: dict | 
     segmentation : bool
         Whether the scans have segmentation outputs (``dseg``, ``dseg_tsv``, ``roistats``,
         ``template``); without it the page states that segmentation did not run.
+    orientation, chi_window, figure_format
+        See :func:`qsmflow.reports.subject.write_subject_report`.
     mem_gb : float
         Memory of the rendering node (a few copies of one scan's volumes and matplotlib).
 
@@ -68,7 +71,8 @@ def init_subject_report_wf(subject: str, scan_names, output_dir, config: dict | 
     inputnode = pe.Node(niu.IdentityInterface(fields=[scan_input(f, i) for f in fields for i in range(len(scan_names))]),
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_report"]), name="outputnode")
-    report = pe.Node(SubjectReport(subject=subject, scan_names=scan_names, orientation=orientation, chi_window=chi_window),
+    report = pe.Node(SubjectReport(subject=subject, scan_names=scan_names, orientation=orientation, chi_window=chi_window,
+                                   figure_format=figure_format),
                      name="subject_report", mem_gb=mem_gb, n_procs=1)
     if config is not None:
         report.inputs.config = config
@@ -102,3 +106,57 @@ def connect_scan(workflow, report_wf, index: int, recon_wf, segmentation_wf=None
         names = {field: field for field in SEGMENTATION_FIELDS} | dict(segmentation_fields or {})
         for field in SEGMENTATION_FIELDS:
             workflow.connect(segmentation_wf, f"outputnode.{names[field]}", report_wf, f"inputnode.{scan_input(field, index)}")
+
+
+def report_memory_gb(shape, echoes: int) -> float:
+    """Memory of the rendering node: the magnitude (all echoes), about six more float32 copies
+    of one volume, and matplotlib (about 0.3 GB)."""
+    voxels = int(np.prod(shape[:3]))
+    return round(0.3 + (echoes + 6) * voxels * 4 / 1024**3, 2)
+
+
+def add_subject_reports(subject_wfs: dict, scans, scan_wfs: dict, config: dict, output_dir, *, segmentation_wfs=None,
+                        segmentation_fields=None) -> dict:
+    """Add a report workflow to every subject's workflow and connect all its scans.
+
+    Parameters
+    ----------
+    subject_wfs : dict
+        Participant label -> the subject's workflow (it contains the scans' workflows).
+    scans : list of qsmflow.bids.Scan
+    scan_wfs : dict
+        ``id(scan)`` -> the scan's reconstruction workflow (:func:`init_scan_qsm_wf`).
+    config : dict
+        Validated configuration; its ``report`` section sets orientation, window and format.
+        The report shows (and hashes) every section but ``execution``, which does not change
+        results.
+    segmentation_wfs : dict, optional
+        ``id(scan)`` -> the scan's segmentation workflow; scans without one are reported
+        without segmentation (when no scan of a subject has one).
+
+    Returns
+    -------
+    dict: participant label -> report workflow.
+    """
+    import nibabel as nib
+
+    settings = config.get("report", {})
+    shown = {key: value for key, value in config.items() if key != "execution"}
+    segmentation_wfs = segmentation_wfs or {}
+    reports = {}
+    for subject, subject_wf in subject_wfs.items():
+        members = sorted((s for s in scans if s.subject == subject), key=lambda s: f"{s.name}_{s.suffix}")
+        with_segmentation = [id(s) in segmentation_wfs for s in members]
+        if any(with_segmentation) and not all(with_segmentation):
+            raise ValueError(f"sub-{subject}: segmentation runs for some scans only; the report needs it for all or none")
+        memory = max(report_memory_gb(nib.load(s.magnitude_files[0]).shape, len(s.echo_times)) for s in members)
+        report_wf = init_subject_report_wf(
+            subject, [f"{s.name}_{s.suffix}" for s in members], output_dir, shown, segmentation=all(with_segmentation),
+            orientation=settings.get("orientation", "radiological"), chi_window=settings.get("chi_window", 0.15),
+            figure_format=settings.get("figure_format", "png"), mem_gb=memory,
+        )
+        for index, scan in enumerate(members):
+            connect_scan(subject_wf, report_wf, index, scan_wfs[id(scan)], segmentation_wfs.get(id(scan)),
+                         segmentation_fields=segmentation_fields)
+        reports[subject] = report_wf
+    return reports
