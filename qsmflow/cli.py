@@ -75,7 +75,8 @@ def build_demo_parser() -> argparse.ArgumentParser:
                "OUTPUT_DIR/derivatives/qsmflow (the reconstruction), OUTPUT_DIR/work (the cache) and "
                "OUTPUT_DIR/demo_accuracy.tsv (ROI means against the truth); about 280 MB for 3 subjects.")
     parser.add_argument("output_dir", type=Path, help="directory for the simulated dataset and the derivatives")
-    parser.add_argument("--subjects", type=int, default=3, help="number of simulated subjects (default: 3)")
+    parser.add_argument("--subjects", type=int, default=12,
+                        help="number of simulated subjects, ages 1-80, three of them scanned twice (default: 12)")
     _common_options(parser, work_dir_default="OUTPUT_DIR/work")
     return parser
 
@@ -384,13 +385,35 @@ def run_demo(output_dir: Path, *, subjects: int, config: dict, work_dir: Path | 
     derivatives = output_dir / "derivatives" / "qsmflow"
     if not (bids_dir / "dataset_description.json").exists():
         LOGGER.info("simulating %d subjects in %s", subjects, bids_dir)
-        simulate.write_bids_dataset(bids_dir, simulate.default_demo_cohort(subjects))
+        simulate.write_bids_dataset(bids_dir, simulate.lifespan_demo_cohort(subjects))
     code = run_participant(bids_dir, derivatives, config=config, work_dir=work_dir or output_dir / "work", debug=debug,
                            progress=progress)
     table = demo_accuracy_table(bids_dir, derivatives)
     (output_dir / "demo_accuracy.tsv").write_text(table)
     print(table, end="")
-    return code
+    return _demo_group(bids_dir, derivatives, output_dir, code, config=config, work_dir=work_dir or output_dir / "work",
+                       debug=debug, progress=progress)
+
+
+def _demo_group(bids_dir: Path, derivatives: Path, output_dir: Path, code: int, **options) -> int:
+    """The demo's group level: lifespan trajectories against the simulation's truth."""
+    from . import simulate
+    from .group import find_roistats
+    from .reports.group import recovered_parameters, recovered_parameters_text
+
+    if not find_roistats(derivatives):
+        LOGGER.warning("group level not run: the participant level wrote no _roistats.tsv")
+        return code
+    group_code = run_level("group", bids_dir, derivatives, **options)
+    trajectories = derivatives / "group" / "trajectories.tsv"
+    if trajectories.is_file():
+        text = recovered_parameters_text(recovered_parameters(trajectories, simulate.TRUE_TRAJECTORIES))
+        (output_dir / "demo_trajectories.txt").write_text(text)
+        print(text, end="")
+    report = derivatives / "group" / "index.html"
+    if report.is_file():
+        print(f"group report: {report}")
+    return code or group_code
 
 
 def main(argv=None) -> int:

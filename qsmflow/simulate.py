@@ -907,6 +907,25 @@ def default_demo_cohort(n_subjects: int = 4, *, min_age: float = 8.0, max_age: f
     ]
 
 
+def lifespan_demo_cohort(n_subjects: int = 12, *, min_age: float = 1.0, max_age: float = 80.0, repeated: int = 3,
+                         follow_up_years: float = 3.0) -> list[dict]:
+    """A lifespan cohort for ``qsmflow demo``'s group level: ages spread over ``min_age``-``max_age``
+    and ``repeated`` subjects (spread over the range) scanned twice, ``follow_up_years`` apart.
+
+    Returns
+    -------
+    list of dicts for :func:`write_bids_dataset` with ``label``, ``age`` (first session), ``sex``
+    and ``sessions`` (``{"1": age}`` or ``{"1": age, "2": age + follow_up_years}``).
+    """
+    cohort = default_demo_cohort(n_subjects, min_age=min_age, max_age=max_age)
+    twice = set(np.linspace(1, n_subjects - 2, repeated).round().astype(int)) if repeated and n_subjects > 2 else set()
+    for index, subject in enumerate(cohort):
+        subject["sessions"] = {"1": subject["age"]}
+        if index in twice:
+            subject["sessions"]["2"] = round(min(subject["age"] + follow_up_years, 120.0), 1)
+    return cohort
+
+
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 
 

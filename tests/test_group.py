@@ -118,6 +118,16 @@ def test_too_few_scans_skip_models_with_the_reason():
     assert [(r["model"], r["status"]) for r in rows] == [("exponential", "fitted"), ("linear", "fitted"), ("cubic", "skipped")]
 
 
+def test_the_demo_runs_the_group_level_only_on_roi_tables(tmp_path, capsys):
+    from qsmflow.cli import _demo_group
+    from qsmflow.config import load_config
+
+    bids, out = make_cohort(tmp_path / "cohort", n_subjects=4)
+    empty = tmp_path / "derivatives"
+    assert _demo_group(bids, empty, tmp_path, 0, config=load_config(None), work_dir=tmp_path / "work") == 0
+    assert not (tmp_path / "demo_trajectories.txt").exists() and "group report" not in capsys.readouterr().out
+
+
 def run_group(bids, out, work, *extra) -> int:
     """``qsmflow BIDS OUT group`` in a new process, as users run it."""
     import subprocess
@@ -135,6 +145,7 @@ def _result_times(work: Path) -> dict:
 @pytest.mark.slow
 def test_group_level_end_to_end_with_its_cache(tmp_path):
     from qsmflow.config import load_config
+    from qsmflow.reports.group import recovered_parameters
     from qsmflow.workflows.group import group_level
     from qsmflow.workunits import collect_units
 
@@ -163,6 +174,10 @@ def test_group_level_end_to_end_with_its_cache(tmp_path):
     page = (group / "index.html").read_text()
     for figure in ("figures/roi-GP_trajectory.png", "figures/trajectories_grid.png", "figures/zscores_qq.png"):
         assert figure in page and (group / figure).is_file()
+    recovered = {(r["roi"], r["parameter"]): r for r in recovered_parameters(
+        group / "trajectories.tsv", {roi: TRUE_TRAJECTORIES[roi] for roi in ROIS})}
+    assert recovered["GP", "b"]["estimate"] == pytest.approx(float(gp["b"])) and recovered["GP", "b"]["covered"]
+    assert recovered["SCC", "B"]["true"] == TRUE_TRAJECTORIES["SCC"]["B"]
     plan_units = collect_units(group_level(bids, out, load_config(None)).workflow)
     assert sorted(u.name for u in plan_units if u.kind == "fit") == ["group-GP", "group-PU", "group-SCC"]
 

@@ -144,7 +144,7 @@ class CombineTrajectories(SimpleInterface):
         for column in header:
             pattern = next((k for k in (column, "*_" + column.rsplit("_", 1)[-1], "*_ci_" + column.rsplit("_", 1)[-1])
                             if k in TRAJECTORY_COLUMNS), None)
-            if column.startswith("effect_"):
+            if column.startswith("effect_") and "_ci_" not in column:
                 pattern = "effect_*"
             if pattern:
                 columns[column] = TRAJECTORY_COLUMNS[pattern]

@@ -211,8 +211,11 @@ def write_group_report(path, *, trajectories: list[dict], notes: dict, roi_figur
         derived = ""
         for key in ("age90", "extremum_age"):
             if row.get(key) is not None:
-                derived = (f"{key} = {_fmt(row.get(key))} "
-                           f"[{_interval_text({'low': row.get(key + '_ci_low'), 'high': row.get(key + '_ci_high'), 'open': row.get(key + '_ci_open', '')})}]")
+                derived = f"{key} = {_fmt(row.get(key))}"
+                bounds = {"low": row.get(key + "_ci_low"), "high": row.get(key + "_ci_high"),
+                          "open": row.get(key + "_ci_open") or ""}
+                if bounds["open"] or bounds["low"] is not None or bounds["high"] is not None:
+                    derived += f" [{_interval_text(bounds)}]"
         rows.append({"ROI": row["roi"], "model": row["model"] + (" *" if row.get("preferred_aicc") else ""),
                      "status": "fitted" + (" (at bound)" if row.get("at_bound") else ""),
                      "nonlinear parameter [95 % CI]": text, "derived [95 % CI]": derived,
@@ -256,3 +259,52 @@ def _problem_lines(notes: dict, trajectories: list[dict]) -> list[str]:
         if row.get("warnings"):
             lines.append(f"{row['roi']} {row['model']}: {row['warnings']}.")
     return lines
+
+
+def recovered_parameters(trajectories_path, truths: dict) -> list[dict]:
+    """Fitted parameters of each ROI's generating model beside the generating values.
+
+    Parameters
+    ----------
+    trajectories_path : path of ``group/trajectories.tsv``
+    truths : ROI -> ``{"model": name, <parameter>: value}`` (e.g. qsmflow.simulate.TRUE_TRAJECTORIES)
+
+    Returns
+    -------
+    One dict per ROI and parameter: ``roi``, ``model``, ``parameter``, ``true``, ``estimate``,
+    ``ci_low``, ``ci_high``, ``ci_open``, ``covered`` (None where the model was not fitted).
+    """
+    from ..group import read_tsv
+
+    rows = {(r["roi"], r["model"]): r for r in read_tsv(trajectories_path)}
+    out = []
+    for roi, truth in sorted(truths.items()):
+        row = rows.get((roi, truth["model"]))
+        for parameter, true_value in truth.items():
+            if parameter == "model":
+                continue
+            entry = {"roi": roi, "model": truth["model"], "parameter": parameter, "true": true_value, "estimate": None,
+                     "ci_low": None, "ci_high": None, "ci_open": "", "covered": None}
+            if row is not None and row.get("status") == "fitted" and row.get(parameter) not in (None, "n/a"):
+                number = lambda key: None if row.get(key) in (None, "", "n/a") else float(row[key])  # noqa: E731
+                entry.update(estimate=number(parameter), ci_low=number(f"{parameter}_ci_low"),
+                             ci_high=number(f"{parameter}_ci_high"), ci_open=row.get(f"{parameter}_ci_open", ""))
+                low_ok = entry["ci_open"] in ("low", "both") or (entry["ci_low"] is not None and entry["ci_low"] <= true_value)
+                high_ok = entry["ci_open"] in ("high", "both") or (entry["ci_high"] is not None and true_value <= entry["ci_high"])
+                entry["covered"] = bool(low_ok and high_ok)
+            out.append(entry)
+    return out
+
+
+def recovered_parameters_text(rows: list[dict]) -> str:
+    """:func:`recovered_parameters` as an aligned text table (the demo prints it)."""
+    lines = [f"{'ROI':<5}{'model':<13}{'param':<7}{'true':>10}{'fitted':>11}  95 % interval"]
+    for r in rows:
+        if r["estimate"] is None:
+            lines.append(f"{r['roi']:<5}{r['model']:<13}{r['parameter']:<7}{r['true']:>10.4g}{'not fitted':>11}")
+            continue
+        low = "open" if r["ci_open"] in ("low", "both") or r["ci_low"] is None else f"{r['ci_low']:.4g}"
+        high = "open" if r["ci_open"] in ("high", "both") or r["ci_high"] is None else f"{r['ci_high']:.4g}"
+        lines.append(f"{r['roi']:<5}{r['model']:<13}{r['parameter']:<7}{r['true']:>10.4g}{r['estimate']:>11.4g}"
+                     f"  [{low}, {high}]{'' if r['covered'] else '  (truth outside)'}")
+    return "\n".join(lines) + "\n"
