@@ -343,7 +343,9 @@ def plot_slices(
                 elif np.ptp(plane) > 0 and any(plane.min() < level < plane.max() for level in layer.levels):
                     ax.contour(plane, levels=list(layer.levels), colors=[layer.colour], linewidths=layer.linewidth,
                                linestyles=[layer.linestyle], origin="upper", extent=extent)
-            world = ras_affine @ np.append(offset + np.where(np.arange(3) == axis, index, 0), 1.0)
+            # world coordinate at the panel's centre (on an oblique grid it varies across the slice)
+            centre = np.where(np.arange(3) == axis, index, (np.asarray(frame_ras.shape) - 1) / 2)
+            world = ras_affine @ np.append(offset + centre, 1.0)
             ax.text(left + width_mm / 2, -0.02, f"{_COORDINATE_NAME[view]} = {world[axis]:.0f} mm", transform=ax.get_xaxis_transform(),
                     ha="center", va="top", fontsize=_FONT_SIZE - 1)
             if column == 0:
