@@ -26,7 +26,7 @@ import numpy as np
 from scipy import stats
 
 from .models import CONSTANT, TrajectoryModel, get_model
-from .profile import (INDEPENDENT, TrajectoryData, VarianceModel, _fixed_design, _whiten, fit_trajectory)
+from .profile import INDEPENDENT, TrajectoryData, VarianceModel, _fixed_design, fit_trajectory
 
 
 @dataclass

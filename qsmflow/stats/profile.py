@@ -620,7 +620,3 @@ def _add_intervals(fit: TrajectoryFit, data, grid_eval: _Grid, variance: Varianc
     elif model.name == "poisson":
         fit.derived_intervals["extremum_age"] = Interval(theta_interval.low, theta_interval.high, open_flag)
 
-
-def predict_curves(fit: TrajectoryFit, ages) -> np.ndarray:
-    """Mean curve of ``fit`` at ``ages`` (average covariates)."""
-    return fit.curve(np.asarray(ages, dtype=np.float64))
