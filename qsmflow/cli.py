@@ -73,7 +73,7 @@ def build_demo_parser() -> argparse.ArgumentParser:
         prog="qsmflow demo", description="Simulate a small cohort and reconstruct it.",
         epilog="Writes OUTPUT_DIR/bids (the simulated BIDS dataset with its ground truth in bids/derivatives/), "
                "OUTPUT_DIR/derivatives/qsmflow (the reconstruction), OUTPUT_DIR/work (the cache) and "
-               "OUTPUT_DIR/demo_accuracy.tsv (ROI means against the truth); about 280 MB for 3 subjects.")
+               "OUTPUT_DIR/demo_accuracy.tsv (ROI means against the truth); about 90 MB per simulated scan.")
     parser.add_argument("output_dir", type=Path, help="directory for the simulated dataset and the derivatives")
     parser.add_argument("--subjects", type=int, default=12,
                         help="number of simulated subjects, ages 1-80, three of them scanned twice (default: 12)")
