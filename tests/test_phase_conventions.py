@@ -169,3 +169,24 @@ def test_single_echo_sidecar_says_the_offset_is_not_removed(tmp_path):
     assert single["PhaseOffset"].startswith("not removed")
     magnitude, phase = _write_echoes(tmp_path, [np.random.default_rng(4).uniform(-3, 3, (6, 6, 6)).astype(np.float32)] * 2)
     assert "PhaseOffset" not in LoadEchoes(magnitude_files=magnitude, phase_files=phase).run(cwd=str(tmp_path)).outputs.provenance
+
+
+def test_unclear_range_stops_a_run_quickly(capsys, tmp_path, bids_root):
+    """A scan whose phase only spans 0..pi ends the run in well under 10 s, naming file and setting."""
+    import time
+
+    from conftest import write_gre_scan
+
+    paths = write_gre_scan(bids_root, "01")
+    for path in paths:
+        if "part-phase" in path.name:
+            image = nib.load(str(path))
+            nib.save(nib.Nifti1Image((np.asarray(image.dataobj) + np.pi) / 2, image.affine), str(path))
+    start = time.monotonic()
+    code = main([str(bids_root), str(tmp_path / "out"), "participant", "--plugin", "Linear", "--progress", "off",
+                 "--work-dir", str(tmp_path / "work")])
+    elapsed = time.monotonic() - start
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and elapsed < 10, (code, elapsed)
+    assert str(paths[1]) in last and "input.phase_units" in last and "ambiguous" in last, last
+    assert not list((tmp_path / "out").rglob("*_Chimap.nii.gz"))
