@@ -1,6 +1,8 @@
 """Group level: gathering the cohort's tables (and its realities), the workflow, its cache, outputs."""
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,9 +132,6 @@ def test_the_demo_runs_the_group_level_only_on_roi_tables(tmp_path, capsys):
 
 def run_group(bids, out, work, *extra) -> int:
     """``qsmflow BIDS OUT group`` in a new process, as users run it."""
-    import subprocess
-    import sys
-
     command = [sys.executable, "-m", "qsmflow.cli", str(bids), str(out), "group", "--work-dir", str(work),
                "--progress", "off", *FAST, *extra]
     return subprocess.run(command, capture_output=True, text=True).returncode
@@ -180,6 +179,9 @@ def test_group_level_end_to_end_with_its_cache(tmp_path):
     assert recovered["SCC", "B"]["true"] == TRUE_TRAJECTORIES["SCC"]["B"]
     plan_units = collect_units(group_level(bids, out, load_config(None)).workflow)
     assert sorted(u.name for u in plan_units if u.kind == "fit") == ["group-GP", "group-PU", "group-SCC"]
+    status = subprocess.run([sys.executable, "-m", "qsmflow.cli", "status", str(work), str(out)], capture_output=True,
+                            text=True).stdout
+    assert "1 group(s) and 3 fit(s): 4 done" in status, status
 
     # a figure option changes: only figure nodes (and the publisher) run again
     before = _result_times(work)

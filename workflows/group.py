@@ -55,8 +55,8 @@ def init_group_wf(bids_dir, output_dir, roistats_files, rois: dict, group: dict,
     Returns
     -------
     nipype Workflow with units of work declared: ``group-<ROI>`` (kind ``fit``: the ROI's fit and
-    figure nodes) and ``group`` (gathering, combining, publishing), done when
-    :data:`GROUP_OUTPUTS` exist.
+    figure nodes; done when ``group/figures/roi-<ROI>_trajectory.png`` is published) and ``group``
+    (gathering, combining, publishing), done when :data:`GROUP_OUTPUTS` exist.
 
     Nodes: ``gather`` -> ``fit_<ROI>`` -> ``plot_<ROI>``; ``merge_analyses`` -> ``combine`` ->
     ``plot_group`` -> ``publish``. Each node's inputs are exactly what it depends on, so the cache
@@ -82,8 +82,9 @@ def init_group_wf(bids_dir, output_dir, roistats_files, rois: dict, group: dict,
         safe = re.sub(r"[^A-Za-z0-9]", "_", roi)
         fit = pe.Node(FitROI(roi=roi, kind=kind, models=models, settings=settings), name=f"fit_{safe}", mem_gb=0.5)
         plot = pe.Node(PlotROITrajectory(options=figure_options), name=f"plot_{safe}", mem_gb=0.3)
-        for node in (fit, plot):
-            declare_unit(node, kind="fit", name=f"group-{roi}")
+        for node in (fit, plot):  # done when its figure is published (the publisher writes it)
+            declare_unit(node, kind="fit", name=f"group-{roi}",
+                         outputs=[f"group/figures/roi-{roi}_trajectory.{figure_options['format']}"])
         workflow.connect([
             (gather, fit, [("table", "table")]),
             (gather, plot, [("table", "table")]),

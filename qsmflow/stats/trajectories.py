@@ -95,9 +95,13 @@ def analyse_roi(values, ages, subjects, *, covariates: dict | None = None, model
         except (ValueError, np.linalg.LinAlgError) as error:
             result["skipped"][name] = f"fit failed: {error}"
             continue
+        try:
+            test = age_effect_test(data, model, variance=variance, grid=grid,
+                                   n_boot=n_test_structured if structured else n_test, seed=seed + index)
+        except (ValueError, np.linalg.LinAlgError) as error:
+            result["skipped"][name] = f"age test failed: {error}"
+            continue
         fits[name] = fit
-        test = age_effect_test(data, model, variance=variance, grid=grid,
-                               n_boot=n_test_structured if structured else n_test, seed=seed + index)
         curves = bootstrap_curves(data, model, grid_ages, variance=variance, grid=grid, n_boot=n_bands,
                                   seed=seed + 1000 + index)
         band_low, band_high = curve_band(curves, level) if n_bands else (np.full(age_points, np.nan),) * 2
