@@ -219,9 +219,10 @@ def write_group_report(path, *, trajectories: list[dict], notes: dict, roi_figur
         rows.append({"ROI": row["roi"], "model": row["model"] + (" *" if row.get("preferred_aicc") else ""),
                      "status": "fitted" + (" (at bound)" if row.get("at_bound") else ""),
                      "nonlinear parameter [95 % CI]": text, "derived [95 % CI]": derived,
-                     "R²": _fmt(row.get("r2")), "ΔAICc": _fmt(row.get("delta_aicc")), "ΔBIC": _fmt(row.get("delta_bic")),
-                     "p": _fmt(row.get("p_age")), "q": _fmt(row.get("q_age"))})
-    summary.table(rows, caption="* = preferred by AICc. Ages in years, b in 1/year.")
+                     "R²": row.get("r2"), "ΔAICc": row.get("delta_aicc"), "ΔBIC": row.get("delta_bic"),
+                     "p": row.get("p_age"), "q": row.get("q_age")})
+    summary.table(rows, caption="* = preferred by AICc. Ages in years, b in 1/year.",
+                  decimals={"R²": 3, "ΔAICc": 1, "ΔBIC": 1, "p": 3, "q": 3})
     for roi, figure in roi_figures.items():
         summary.section(roi).figure(figure, f"{roi}: scans, all fitted models, bands of the primary and preferred model, "
                                             "normative centiles.")
