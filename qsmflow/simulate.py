@@ -260,7 +260,7 @@ def _structure(x, y, z, center, semi_axes, bilateral):
     return mask
 
 
-def _anatomical_coordinates(shape, voxel_size, rng, vary):
+def _anatomical_coordinates(shape, voxel_size, rng, vary, growth=1.0):
     """Sparse mm coordinates of the voxel centres in the anatomical frame, and the head scale."""
     fov = np.asarray(shape, dtype=np.float64) * np.asarray(voxel_size, dtype=np.float64)
     needed = np.array(
@@ -280,7 +280,7 @@ def _anatomical_coordinates(shape, voxel_size, rng, vary):
     nominal_scale = min(1.0, fit)
     subject_scale = float(np.clip(rng.normal(1.0, 0.025), 0.95, 1.0)) if vary else 1.0
     shift = rng.uniform(-2.0, 2.0, size=3) if vary else np.zeros(3)
-    scale = nominal_scale * subject_scale
+    scale = nominal_scale * subject_scale * growth
 
     # Head centred in x and y; top of the head one margin below the top of the grid.
     centre_x = 0.5 * (_HEAD_EXTENT["x"][0] + _HEAD_EXTENT["x"][1]) * scale
@@ -302,6 +302,21 @@ def _anatomical_coordinates(shape, voxel_size, rng, vary):
     return x, y, z, scale
 
 
+def head_size_for_age(age_years: float) -> float:
+    """Linear size of the head relative to an adult's: the cube root of the brain volume fraction.
+
+    Brain volume grows fast in infancy (about 35-40 % of the adult volume at birth, 75-80 % at 2
+    years, above 90 % by 6): here ``V/V_adult = 1 - 0.6 exp(-age / 2.5)``, so the linear size is
+    0.74 at birth, 0.90 at 2, 0.98 at 6 and 1 in adults. A rounded fit to the growth curves of
+    Dekaban AS, "Changes in brain weights during the span of human life", Ann Neurol
+    1978;4:345-356, and Knickmeyer RC et al., J Neurosci 2008;28:12176-12182; used to give the
+    simulated children smaller brains.
+    """
+    if age_years < 0:
+        raise ValueError("age_years must be non-negative")
+    return float((1.0 - 0.6 * np.exp(-float(age_years) / 2.5)) ** (1.0 / 3.0))
+
+
 def brain_phantom(
     shape=DEFAULT_SHAPE,
     voxel_size=DEFAULT_VOXEL_SIZE,
@@ -313,6 +328,7 @@ def brain_phantom(
     deep_grey_sd: float = 0.01,
     white_matter_sd: float = 0.003,
     anatomical_variation: bool = True,
+    growth_with_age: bool = False,
 ) -> Phantom:
     """Brain-shaped susceptibility phantom with age-dependent deep grey and white matter.
 
@@ -344,6 +360,8 @@ def brain_phantom(
     anatomical_variation : bool
         If False, head size and position are the nominal ones (sulci and χ deviations still
         follow ``seed``; set the SDs to 0 for the exact trajectory values).
+    growth_with_age : bool
+        Scale the head by :func:`head_size_for_age` (children's heads smaller; off by default).
 
     Returns
     -------
@@ -365,7 +383,8 @@ def brain_phantom(
         raise ValueError("deep_grey_sd and white_matter_sd must be non-negative")
 
     rng = np.random.default_rng(seed)
-    x, y, z, scale = _anatomical_coordinates(shape, voxel_size, rng, anatomical_variation)
+    growth = head_size_for_age(age_years) if growth_with_age else 1.0
+    x, y, z, scale = _anatomical_coordinates(shape, voxel_size, rng, anatomical_variation, growth)
     full = np.broadcast_shapes(x.shape, y.shape, z.shape)
     # Distances from edt are on the grid, so convert anatomical mm to grid mm with `scale`.
     sampling = voxel_size
@@ -1319,3 +1338,227 @@ def write_multi_orientation_dataset(
                 "MagneticFieldStrength": float(field_strength), "AirSusceptibility": phantom.air_chi,
             })
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# known deformations and a cohort for the atlas
+
+
+@dataclass
+class Deformation:
+    """A known spatial transform of a grid: output voxel i takes the input at ``coordinates[:, i]``.
+
+    Attributes
+    ----------
+    coordinates : float32 array (3, nx, ny, nz)
+        Input voxel coordinates sampled by each output voxel (a pull-back map).
+    rms_nonlinear_mm : float
+        RMS over the grid of the nonlinear part's displacement (mm).
+    rotation_degrees, translation_mm, scale : tuple
+        The affine part (about the grid centre).
+    """
+
+    coordinates: np.ndarray
+    rms_nonlinear_mm: float
+    rotation_degrees: tuple
+    translation_mm: tuple
+    scale: tuple
+
+    def apply(self, array: np.ndarray, *, labels: bool = False) -> np.ndarray:
+        """``array`` deformed (linear interpolation; nearest neighbour for ``labels``)."""
+        order = 0 if labels else 1
+        result = ndimage.map_coordinates(np.asarray(array, dtype=np.float32 if not labels else array.dtype),
+                                         self.coordinates, order=order, mode="constant", cval=0)
+        return result.astype(array.dtype if labels else np.float32)
+
+
+def random_deformation(shape, voxel_size, *, seed: int = 0, rotation_degrees: float = 4.0,
+                       translation_mm: float = 4.0, scale_sd: float = 0.03, nonlinear_rms_mm: float = 3.0,
+                       smoothness_mm: float = 20.0) -> Deformation:
+    """Random affine plus smooth nonlinear deformation of a grid, with known parameters.
+
+    Rotations about each axis uniform in ±``rotation_degrees``, translations uniform in
+    ±``translation_mm``, scales normal(1, ``scale_sd``) per axis, about the grid centre; then a
+    displacement field of Gaussian-smoothed white noise (``smoothness_mm`` sigma) rescaled to an
+    RMS of ``nonlinear_rms_mm`` over the grid.
+
+    Returns
+    -------
+    Deformation (a pull-back map: apply it to the phantom's arrays).
+    """
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in shape)
+    voxel = np.asarray(voxel_size, dtype=np.float64)
+    angles = np.deg2rad(rng.uniform(-rotation_degrees, rotation_degrees, 3))
+    translation = rng.uniform(-translation_mm, translation_mm, 3)
+    scales = rng.normal(1.0, scale_sd, 3)
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rotation = (np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]]) @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+                @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]]))
+    linear = rotation @ np.diag(scales)
+    grid = np.indices(shape, dtype=np.float32)
+    centre = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
+    mm = (grid - centre[:, None, None, None].astype(np.float32)) * voxel[:, None, None, None].astype(np.float32)
+    # Pull-back: the output at mm position p samples the input at L^-1 (p - t).
+    inverse = np.linalg.inv(linear).astype(np.float32)
+    source = np.einsum("ij,j...->i...", inverse, mm - translation[:, None, None, None].astype(np.float32))
+    sigma = [smoothness_mm / v for v in voxel]
+    displacement = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+                             for _ in range(3)])
+    rms = float(np.sqrt(np.mean(np.sum(displacement**2, axis=0))))
+    if nonlinear_rms_mm > 0 and rms > 0:
+        displacement *= np.float32(nonlinear_rms_mm / rms)
+    else:
+        displacement[:] = 0
+    source = source + displacement
+    coordinates = source / voxel[:, None, None, None].astype(np.float32) + centre[:, None, None, None].astype(np.float32)
+    return Deformation(coordinates=coordinates.astype(np.float32),
+                       rms_nonlinear_mm=float(np.sqrt(np.mean(np.sum(displacement**2, axis=0)))),
+                       rotation_degrees=tuple(np.rad2deg(angles).round(3).tolist()),
+                       translation_mm=tuple(translation.round(3).tolist()), scale=tuple(scales.round(4).tolist()))
+
+
+@dataclass
+class AtlasSubject:
+    """One simulated scan of an atlas cohort, deformed by a known transform.
+
+    ``chi`` (ppm rel. CSF, noisy, 0 outside the brain), ``magnitude`` (first echo), ``brain_mask``,
+    ``labels`` (true ROI labels carried by the known deformation), ``phantom`` (undeformed truth).
+    """
+
+    label: str
+    age: float
+    chi: np.ndarray
+    magnitude: np.ndarray
+    brain_mask: np.ndarray
+    labels: np.ndarray
+    affine: np.ndarray
+    deformation: Deformation
+    phantom: Phantom
+
+
+def simulate_atlas_subject(label: str, age: float, *, shape=DEFAULT_SHAPE, voxel_size=DEFAULT_VOXEL_SIZE,
+                           seed: int | None = None, chi_noise: float = 0.01, snr: float = 50.0,
+                           echo_time: float = DEFAULT_ECHO_TIMES[0], nonlinear_rms_mm: float = 3.0,
+                           psf_voxels: float = 0.6, deformation: bool = True) -> AtlasSubject:
+    """A subject's participant-level outputs as the atlas level reads them, with their truth.
+
+    The phantom grows with age (:func:`head_size_for_age`; ventricles widen after 30, see
+    :func:`brain_phantom`), is deformed by :func:`random_deformation` (seeded by the subject) and
+    given Gaussian noise: ``chi_noise`` ppm on the susceptibility (a reconstructed Chimap's
+    noise), and the first-echo magnitude ``m0 exp(-R2* TE)`` with noise of mean brain signal /
+    ``snr``. The images are blurred by a Gaussian point-spread function of ``psf_voxels`` sigma
+    before the deformation, as an acquisition band-limits them: the phantom's one-voxel sulci
+    and cortex would otherwise be aliased, and no resampling could match them.
+    """
+    seed = zlib.crc32(str(label).encode()) % (2**31) if seed is None else int(seed)
+    phantom = brain_phantom(shape, voxel_size, age_years=age, seed=seed, growth_with_age=True)
+    rng = np.random.default_rng(seed + 1)
+    if deformation:
+        warp = random_deformation(shape, voxel_size, seed=seed + 2, nonlinear_rms_mm=nonlinear_rms_mm)
+    else:
+        identity = np.indices(tuple(shape), dtype=np.float32)
+        warp = Deformation(identity, 0.0, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    mask = warp.apply(phantom.brain_mask.astype(np.float32)) >= 0.5
+    def blurred(image):
+        return ndimage.gaussian_filter(image.astype(np.float32), psf_voxels) if psf_voxels > 0 else image
+
+    brain_chi = np.where(phantom.brain_mask, phantom.chi, np.float32(0.0))
+    chi = warp.apply(blurred(brain_chi))
+    chi = np.where(mask, chi + rng.normal(0.0, chi_noise, chi.shape).astype(np.float32), 0.0).astype(np.float32)
+    signal = warp.apply(blurred(phantom.m0 * np.exp(-phantom.r2star * np.float32(echo_time))))
+    sigma = float(signal[mask].mean()) / snr
+    magnitude = np.abs(signal + rng.normal(0.0, sigma, signal.shape).astype(np.float32)
+                       + 1j * rng.normal(0.0, sigma, signal.shape).astype(np.float32)).astype(np.float32)
+    labels = warp.apply(phantom.labels, labels=True)
+    affine = affine_for_b0_direction((0.0, 0.0, 1.0), voxel_size, shape)
+    return AtlasSubject(label=str(label), age=float(age), chi=chi, magnitude=magnitude, brain_mask=mask,
+                        labels=labels, affine=affine, deformation=warp, phantom=phantom)
+
+
+# ---------------------------------------------------------------------------------------------
+# subjects made from the MNI template and the default atlas (ground truth for segmentation)
+
+
+def phantom_label_atlas(shape=DEFAULT_SHAPE, voxel_size=DEFAULT_VOXEL_SIZE, *, age_years: float = 40.0,
+                        echo_time: float = DEFAULT_ECHO_TIMES[0], psf_voxels: float = 0.6):
+    """The nominal phantom as a labelled template (a stand-in for the MNI atlas in simulations).
+
+    Template: the first-echo magnitude of the undeformed adult phantom (brain only, nominal
+    size and position, Gaussian point-spread of ``psf_voxels``); labels: its ROIs split into
+    left and right at x = 0 with the default atlas' label values
+    (:func:`qsmflow.segmentation.label_index`) and table.
+
+    Returns
+    -------
+    qsmflow.segmentation.Atlas
+    """
+    from .segmentation import Atlas, default_table, label_index
+
+    phantom = brain_phantom(shape, voxel_size, age_years=age_years, seed=0, anatomical_variation=False,
+                            deep_grey_sd=0.0, white_matter_sd=0.0)
+    affine = affine_for_b0_direction((0.0, 0.0, 1.0), voxel_size, shape)
+    signal = np.where(phantom.brain_mask, phantom.m0 * np.exp(-phantom.r2star * np.float32(echo_time)), 0.0)
+    if psf_voxels > 0:
+        signal = ndimage.gaussian_filter(signal.astype(np.float32), psf_voxels)
+    world_x = affine[0, 0] * np.arange(shape[0]) + affine[0, 3]
+    left = (world_x < 0)[:, None, None]
+    labels = np.zeros(shape, dtype=np.int16)
+    for roi in ROI_LABELS:
+        where = phantom.labels == roi.index
+        labels[where & left] = label_index(roi.abbreviation, "left")
+        labels[where & ~left] = label_index(roi.abbreviation, "right")
+    present = set(np.unique(labels).tolist())
+    table = tuple(row for row in default_table() if row.index in present)
+    return Atlas(template=signal.astype(np.float32), brain_mask=phantom.brain_mask.copy(), labels=labels,
+                 affine=affine, table=table, name="phantom")
+
+
+def write_atlas_inputs(bids_dir, output_dir, subjects, *, shape=DEFAULT_SHAPE, voxel_size=DEFAULT_VOXEL_SIZE,
+                       **options) -> dict:
+    """Participant-level outputs of a simulated atlas cohort, as the atlas level reads them.
+
+    Writes ``bids_dir`` (dataset_description.json, participants.tsv with ages) and, in the
+    derivatives ``output_dir``, per subject ``anat/sub-X_Chimap.nii.gz``,
+    ``anat/sub-X_desc-brain_mask.nii.gz`` and ``fmap/sub-X_magnitude.nii.gz``
+    (:func:`simulate_atlas_subject`), plus the truth ``anat/sub-X_desc-truth_dseg.nii.gz`` (the
+    phantom's labels carried by the known deformation; left/right as the default atlas).
+
+    Parameters
+    ----------
+    subjects : list of (label, age)
+    options : passed to :func:`simulate_atlas_subject`
+
+    Returns
+    -------
+    dict label -> AtlasSubject
+    """
+    from .segmentation import label_index
+
+    bids_dir, output_dir = Path(bids_dir), Path(output_dir)
+    bids_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(bids_dir / "dataset_description.json", {"Name": "qsmflow simulated atlas cohort",
+                                                        "BIDSVersion": BIDS_VERSION, "DatasetType": "raw"})
+    _write_tsv(bids_dir / "participants.tsv", ["participant_id", "age"],
+               [[f"sub-{label}", f"{age:g}"] for label, age in subjects])
+    made = {}
+    for label, age in subjects:
+        subject = simulate_atlas_subject(label, age, shape=shape, voxel_size=voxel_size, **options)
+        anat = output_dir / f"sub-{label}" / "anat"
+        fmap = output_dir / f"sub-{label}" / "fmap"
+        anat.mkdir(parents=True, exist_ok=True)
+        fmap.mkdir(parents=True, exist_ok=True)
+        world_x = subject.affine[0, 0] * np.arange(shape[0]) + subject.affine[0, 3]
+        left = (world_x < 0)[:, None, None]
+        truth = np.zeros(subject.labels.shape, dtype=np.int16)
+        for roi in ROI_LABELS:
+            where = subject.labels == roi.index
+            truth[where & left] = label_index(roi.abbreviation, "left")
+            truth[where & ~left] = label_index(roi.abbreviation, "right")
+        _save_nifti(anat / f"sub-{label}_Chimap.nii.gz", subject.chi, subject.affine)
+        _save_nifti(anat / f"sub-{label}_desc-brain_mask.nii.gz", subject.brain_mask.astype(np.uint8), subject.affine)
+        _save_nifti(anat / f"sub-{label}_desc-truth_dseg.nii.gz", truth, subject.affine)
+        _save_nifti(fmap / f"sub-{label}_magnitude.nii.gz", subject.magnitude, subject.affine)
+        made[label] = subject
+    return made
