@@ -5,10 +5,12 @@ Each plugin here is nipype's plugin of the same name with three additions:
 * **Per-node resources.** Every job requests what its node declares, ``mem_gb`` and
   ``n_procs`` (SLURM ``--mem``/``--cpus-per-task``; SGE ``h_vmem``/``-pe smp``; PBS
   ``mem``/``ppn``). Without ``--mem`` a SLURM partition with memory as a consumable resource
-  gives each job the whole node's memory, so jobs run one at a time. Jobs inherit the
-  environment of the command, so ``QSMFLOW_FFT_WORKERS`` set there sets every job's threads;
-  it is not set per job from ``n_procs``, because the TV inversion's float32 result changes in
-  the last bit with the thread count, and Chimaps are to be bit-identical across plugins.
+  gives each job the whole node's memory, so jobs run one at a time.
+* **Threads from the job's allocation.** The batch script sets :data:`qsmflow.resources.THREAD_VARIABLES`
+  (OpenMP, OpenBLAS/MKL, ITK) to the cores the job was given (``SLURM_CPUS_PER_TASK``,
+  ``NSLOTS``, ``PBS_NUM_PPN``/``NCPUS``), i.e. its node's ``n_procs``; FFT workers follow the
+  same allocation (:func:`qsmflow.resources.thread_count`). ``QSMFLOW_FFT_WORKERS`` set in the
+  command's environment still caps them.
 * **Cluster settings from the configuration** (``execution.cluster``: partition, account,
   time limit, extra submission arguments; see ``configs/slurm.yaml``), carried to the plugin
   in ``plugin_args['cluster']`` by :func:`qsmflow.execution.plugin_settings`.
@@ -240,6 +242,19 @@ def submission_args(scheduler: str, settings: ClusterSettings, mem_gb: float, n_
     return args + list(settings.extra_args)
 
 
+#: Shell expression of the cores a job was given, by scheduler.
+ALLOCATED_CORES = {"SLURM": "${SLURM_CPUS_PER_TASK:-1}", "SGE": "${NSLOTS:-1}", "PBS": "${PBS_NUM_PPN:-${NCPUS:-1}}"}
+
+
+def thread_exports(scheduler: str) -> str:
+    """Batch-script line that sizes the job's native thread pools from its allocation, before
+    Python starts (OpenBLAS starts one thread per CPU of the affinity mask otherwise, and SLURM
+    need not bind a job to its cores)."""
+    from .resources import THREAD_VARIABLES
+
+    return f"qsmflow_cores={ALLOCATED_CORES[scheduler]}; export " + " ".join(f"{name}=$qsmflow_cores" for name in THREAD_VARIABLES)
+
+
 def job_name(node) -> str:
     """A job name from the node alone (node first, as squeue truncates), e.g. ``invert_dipole.sub_01_MEGRE_wf.sub_01_wf``."""
     parts = node.fullname.split(".")
@@ -461,7 +476,7 @@ class _BatchMixin:
         pyscript = create_pyscript(node, updatehash=updatehash)
         batch_dir, name = os.path.split(pyscript)
         name = ".".join(name.split(".")[:-1])
-        batchscript = "\n".join((self._template.rstrip("\n"), shlex.join([sys.executable, pyscript]), ""))
+        batchscript = "\n".join((self._template.rstrip("\n"), thread_exports(self.scheduler), shlex.join([sys.executable, pyscript]), ""))
         batchscriptfile = os.path.join(batch_dir, f"batchscript_{name}.sh")
         with open(batchscriptfile, "w") as handle:
             handle.write(batchscript)
@@ -669,7 +684,7 @@ class SLURMGraphPlugin(_NipypeSLURMGraphPlugin):
             batch_dir, name = os.path.split(pyscript)
             name = ".".join(name.split(".")[:-1])
             script = os.path.join(batch_dir, f"batchscript_{name}.sh")
-            Path(script).write_text("\n".join((template.rstrip("\n"), shlex.join([sys.executable, pyscript]), "")))
+            Path(script).write_text("\n".join((template.rstrip("\n"), thread_exports("SLURM"), shlex.join([sys.executable, pyscript]), "")))
             args = submission_args("SLURM", self._settings, mem_gb, n_procs) + shlex.split(self._sbatch_args) + shlex.split(node_args)
             log = os.path.join(batch_dir, "slurm-%j.out")
             if not _has_option(args, "-o", "--output"):

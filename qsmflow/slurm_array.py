@@ -66,7 +66,7 @@ LOGGER = logging.getLogger("qsmflow")
 ARRAY_PLUGIN = "SLURMArray"
 
 #: Keys of ``execution.array`` (see configs/default.yaml).
-ARRAY_KEYS = ("cpus_per_task", "mem_gb", "time", "max_parallel", "wait", "poll_seconds")
+ARRAY_KEYS = ("cpus_per_task", "mem_gb", "time", "max_parallel", "group", "wait", "poll_seconds")
 
 #: Where submissions are written, under the work directory.
 SUBMISSIONS = "slurm-array"
@@ -92,6 +92,8 @@ class ArraySettings:
         Wall-time limit of each task (SLURM notation, quoted); None takes ``execution.cluster.time``.
     max_parallel : int or None
         At most this many tasks run at once (``--array=0-N%max_parallel``); None: no limit.
+    group : bool
+        Submit the group step, to run once every participant succeeded.
     wait : bool
         Wait for the jobs to end and report, instead of returning once they are queued.
     poll_seconds : float
@@ -102,6 +104,7 @@ class ArraySettings:
     mem_gb: float | None = None
     time: str | None = None
     max_parallel: int | None = None
+    group: bool = True
     wait: bool = False
     poll_seconds: float = 10.0
 
@@ -269,13 +272,6 @@ def _group_script(directory: Path, group_command: str) -> str:
     ])
 
 
-def cli_has_group_level() -> bool:
-    """This qsmflow has a ``group`` analysis level (:data:`qsmflow.levels.LEVELS`)."""
-    from .levels import LEVELS
-
-    return "group" in LEVELS
-
-
 def _new_submission_dir(work_dir: Path) -> Path:
     root = work_dir / SUBMISSIONS
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -298,8 +294,9 @@ def task_config(config: dict, mem_gb: float) -> dict:
     return resolved
 
 
-def submit(bids_dir, output_dir, *, config: dict, work_dir=None, participant_labels=(), group_command=None) -> Submission:
-    """Submit the participants that are not done as one SLURM array, and the dependent group job.
+def submit(bids_dir, output_dir, *, config: dict, work_dir=None, participant_labels=()) -> Submission:
+    """Submit the participants that are not done as one SLURM array, and the dependent group job
+    (``qsmflow BIDS_DIR OUTPUT_DIR group`` with the same work directory and configuration).
 
     Parameters
     ----------
@@ -311,9 +308,6 @@ def submit(bids_dir, output_dir, *, config: dict, work_dir=None, participant_lab
         compute nodes see.
     participant_labels : list of str
         Participants to consider (default: all of the dataset).
-    group_command : list of str, optional
-        The group job's command; default ``qsmflow BIDS_DIR OUTPUT_DIR group`` with the same work
-        directory and configuration. Without a group level in this command line, no group job.
 
     Returns
     -------
@@ -381,15 +375,13 @@ def submit(bids_dir, output_dir, *, config: dict, work_dir=None, participant_lab
                     len(in_flight), ", ".join(f"sub-{label} ({job})" for label, job in sorted(in_flight.items())))
 
     group_job = None
-    if group_command is None and cli_has_group_level():
-        selection = ["--participant-label", *participant_labels] if participant_labels else []
-        group_command = [sys.executable, "-m", "qsmflow.cli", bids_dir, output_dir, "group", "--work-dir", work_dir,
-                         "--config", config_file, "--progress", "log", *selection]
-    if group_command is None:
-        LOGGER.warning("this qsmflow has no group level: no group job submitted")
+    if not array.group:
+        LOGGER.info("execution.array.group is false: no group job submitted")
     else:
+        selection = ["--participant-label", *participant_labels] if participant_labels else []
         script = directory / "group.sbatch"
-        script.write_text(_group_script(directory, shlex.join(map(str, group_command))))
+        script.write_text(_group_script(directory, _cli(bids_dir, output_dir, "group", "--work-dir", work_dir, "--config",
+                                                         config_file, "--progress", "log", *selection)))
         waits_for = ([array_job] if array_job else []) + sorted(in_flight.values())
         dependency = ([f"--dependency=afterok:{':'.join(waits_for)}", "--kill-on-invalid-dep=yes"] if waits_for else [])
         group_job = _sbatch([*resources, *dependency, "--job-name=qsmflow-group",
@@ -491,15 +483,13 @@ def report(submission: Submission, states: Mapping[str, tuple[str, str] | None],
     return "\n".join(lines), 1 if failed else 0
 
 
-def run_array(bids_dir, output_dir, *, config: dict, work_dir=None, participant_labels=(), group_command=None,
-              stream=None) -> int:
+def run_array(bids_dir, output_dir, *, config: dict, work_dir=None, participant_labels=(), stream=None) -> int:
     """``--plugin SLURMArray`` of the participant level: submit, then return or wait; the exit code."""
     stream = stream or sys.stdout
     output_dir = Path(output_dir).absolute()
     work_dir = Path(work_dir or output_dir / ".work").absolute()
     array = ArraySettings.from_config(config["execution"].get("array"))
-    submission = submit(bids_dir, output_dir, config=config, work_dir=work_dir, participant_labels=participant_labels,
-                        group_command=group_command)
+    submission = submit(bids_dir, output_dir, config=config, work_dir=work_dir, participant_labels=participant_labels)
     jobs = [job for job in (submission.array_job, submission.group_job) if job]
     if not jobs:
         print("nothing to submit: every participant is done", file=stream)
