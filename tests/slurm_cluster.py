@@ -231,6 +231,17 @@ def _start() -> Started:
     raise ClusterStartError(f"node localhost is not ready after 60 s (state {node_state()})\n{_logs()}")
 
 
+def start_or_skip() -> None:
+    """For a test: make sure the cluster answers (see :func:`start`), or skip the test saying why
+    SLURM cannot run on this machine."""
+    import pytest
+
+    try:
+        start()
+    except ClusterUnavailable as reason:
+        pytest.skip(f"no SLURM here: {reason}")
+
+
 def stop(started: Started) -> None:
     """Stop the daemons that :func:`start` started (newest first), and wait until they exit."""
     for name, pid in reversed(started.daemons):

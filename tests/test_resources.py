@@ -182,10 +182,7 @@ def test_one_cpu_by_srun_means_one_worker_with_one_thread(dataset, tmp_path):
     plugin), so only SLURM_CPUS_PER_TASK tells qsmflow; the affinity mask still shows every CPU."""
     import slurm_cluster
 
-    try:
-        slurm_cluster.start()
-    except slurm_cluster.ClusterUnavailable as reason:
-        pytest.skip(f"no SLURM here: {reason}")
+    slurm_cluster.start_or_skip()
     out = tmp_path / "srun-1"
     counted = run_and_count_threads(["srun", "--cpus-per-task=1", "--mem=2G", *_participant(dataset, out)], str(out))
     print(f"srun --cpus-per-task=1: driver {counted['driver']} threads, workers {counted['workers']}")

@@ -94,10 +94,7 @@ def test_each_task_runs_the_participant_of_its_index(tmp_path):
 
 @pytest.fixture(scope="module")
 def slurm():
-    try:
-        slurm_cluster.start()
-    except slurm_cluster.ClusterUnavailable as reason:
-        pytest.skip(f"no SLURM here: {reason}")
+    slurm_cluster.start_or_skip()
 
 
 @pytest.fixture(scope="module")
