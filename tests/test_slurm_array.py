@@ -186,6 +186,7 @@ def test_array_tasks_group_job_cancel_and_resubmission(slurm, cohort, reference)
 
     # while queued: three array tasks, and a group job held by its dependency on the array
     queued = _queue(array, group)
+    print(f"queued after submission: {queued}")
     assert set(queued) == {f"{array}_0", f"{array}_1", f"{array}_2", group}, queued
     assert queued[group] == ("PENDING", "Dependency"), queued
     held = subprocess.run(["scontrol", "show", "job", group], capture_output=True, text=True, check=True).stdout
@@ -202,6 +203,7 @@ def test_array_tasks_group_job_cancel_and_resubmission(slurm, cohort, reference)
         time.sleep(0.05)
     subprocess.run(["scancel", f"{array}_1"], check=True)
     ended = _wait_until_ended([array, group])
+    print(f"after scancel {array}_1: {ended}")
     assert ended[f"{array}_0"][0] == ended[f"{array}_2"][0] == "COMPLETED", ended
     assert ended[f"{array}_1"][0] == "CANCELLED", f"the task was not cancelled while running: {ended}"
     assert ended[group] == ("CANCELLED", "DependencyNeverSatisfied"), ended  # not left pending forever
@@ -222,6 +224,7 @@ def test_array_tasks_group_job_cancel_and_resubmission(slurm, cohort, reference)
     resubmission = next(p for p in (work / "slurm-array").iterdir() if p != submission)
     assert (resubmission / "labels.txt").read_text().split() == ["02"]
     finished = _queue(second_array, second_group)
+    print(f"resubmission: {finished}")
     assert finished == {f"{second_array}_0": ("COMPLETED", "None"), second_group: ("COMPLETED", "None")}, finished
     assert (resubmission / "exit-codes" / "group").read_text().strip() == "0"
     report = [line.split() for line in again.stdout.splitlines() if line.startswith(("sub-", "group"))]
