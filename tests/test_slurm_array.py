@@ -90,6 +90,29 @@ def test_each_task_runs_the_participant_of_its_index(tmp_path):
     assert beyond.returncode == 2 and "no participant for array index 3" in beyond.stderr
 
 
+def test_tasks_still_queued_from_an_earlier_submission_are_found_by_their_script(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    earlier = work / slurm_array.SUBMISSIONS / "20260101-000000"
+    earlier.mkdir(parents=True)
+    (earlier / "labels.txt").write_text("01\n02\n03\n")
+    other = tmp_path / "elsewhere" / slurm_array.SUBMISSIONS / "x" / "participant.sbatch"
+    listing = "\n".join([
+        f"41_1|RUNNING|{earlier / 'participant.sbatch'}",
+        f"41_2|PENDING|{earlier / 'participant.sbatch'}",
+        f"41_0|COMPLETED|{earlier / 'participant.sbatch'}",  # ended: no longer in flight
+        f"42|PENDING|{earlier / 'group.sbatch'}",
+        f"43_0|RUNNING|{other}",  # another work directory's
+    ])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\ncat <<'END'\n{listing}\nEND\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    found = slurm_array.active_jobs_of(work)
+    assert [(job["job"], job["kind"], job["label"]) for job in found] == [
+        ("41_1", "participant", "02"), ("41_2", "participant", "03"), ("42", "group", None)]
+
+
 # ---------------------------------------------------------------- a real SLURM on localhost
 
 @pytest.fixture(scope="module")
