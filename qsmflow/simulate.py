@@ -767,6 +767,7 @@ def simulate_acquisition(
     bone_chi: float = PHYSICAL_BONE_CHI,
     shim_order: int | None = 1,
     phase_offset: bool = True,
+    fine_phantom: Phantom | None = None,
 ) -> Acquisition:
     """Multi-echo GRE of the head phantom simulated on a finer grid, as a scanner measures it.
 
@@ -791,6 +792,10 @@ def simulate_acquisition(
         Sub-voxels per acquisition voxel along each axis (1 reproduces the single-grid model).
     air_chi, bone_chi : float
         Susceptibility of air and bone relative to CSF (ppm); physical values by default.
+    fine_phantom : Phantom, optional
+        A phantom already on the fine grid (``shape`` times ``supersampling``), used instead of
+        building one (``age_years``, ``air_chi`` and ``bone_chi`` are then unused), e.g. a head
+        tilted in the scanner (:func:`tilted_phantom`).
 
     Returns
     -------
@@ -816,8 +821,13 @@ def simulate_acquisition(
     direction = tuple(float(v) for v in _normalised_direction(b0_direction))
     shape = tuple(int(n) for n in shape)
     voxel_size = tuple(float(v) for v in voxel_size)
-    fine = brain_phantom(tuple(n * factor for n in shape), tuple(v / factor for v in voxel_size),
-                         age_years=age_years, seed=seed, air_chi=air_chi, bone_chi=bone_chi)
+    if fine_phantom is None:
+        fine = brain_phantom(tuple(n * factor for n in shape), tuple(v / factor for v in voxel_size),
+                             age_years=age_years, seed=seed, air_chi=air_chi, bone_chi=bone_chi)
+    elif fine_phantom.shape != tuple(n * factor for n in shape):
+        raise ValueError(f"fine_phantom has shape {fine_phantom.shape}, expected {tuple(n * factor for n in shape)}")
+    else:
+        fine = fine_phantom
     fine_fields = simulate_field(fine, b0_direction=direction, shim_order=shim_order,
                                  padding=max(fine.shape) // 4)
     field_hz = ppm_to_hz(fine_fields.total, field_strength).astype(np.float32)
@@ -1246,17 +1256,20 @@ def write_multi_orientation_dataset(
     shape=DEFAULT_SHAPE,
     voxel_size=DEFAULT_VOXEL_SIZE,
     snr: float = 100.0,
+    supersampling: int = 2,
     air_chi: float = DEFAULT_AIR_CHI,
     shim_order: int | None = 1,
 ) -> Path:
     """Write one subject scanned in several head orientations as ``run-1..N`` of one session.
 
-    The same head (:func:`brain_phantom`) is tilted inside the scanner by each of
-    ``head_rotations`` (degrees about the scanner's x, y, z; :func:`tilted_phantom`); B0 stays
-    along scanner z. With ``acquisition_rotations`` omitted every run is an axial acquisition
-    (identical affines); otherwise run ``i``'s field of view is rotated by
-    ``acquisition_rotations[i]`` (an oblique acquisition, the rotation written in its affine).
-    Each run's field is computed with B0 in its own voxel axes (from its affine).
+    The same head (:func:`brain_phantom`, built at ``supersampling`` times the resolution) is
+    tilted inside the scanner by each of ``head_rotations`` (degrees about the scanner's x, y, z;
+    :func:`tilted_phantom` on the fine grid) and acquired with :func:`simulate_acquisition`, so
+    every run samples one continuous head (no interpolation of the coarse maps); B0 stays along
+    scanner z. With ``acquisition_rotations`` omitted every run is an axial acquisition (identical
+    affines); otherwise run ``i``'s field of view is rotated by ``acquisition_rotations[i]`` (an
+    oblique acquisition, the rotation written in its affine). Each run's field is computed with B0
+    in its own voxel axes (from its affine).
 
     Layout as :func:`write_bids_dataset`, with ``_run-N`` in every name; each truth sidecar in
     ``derivatives/simulation`` adds ``HeadRotationDegrees``, ``AcquisitionRotationDegrees`` and
@@ -1279,6 +1292,9 @@ def write_multi_orientation_dataset(
     acquisition_rotations = [tuple(float(a) for a in r) for r in acquisition_rotations]
     if len(acquisition_rotations) != len(head_rotations):
         raise ValueError("acquisition_rotations must give one rotation per head rotation")
+    factor = int(supersampling)
+    shape = tuple(int(n) for n in shape)
+    voxel_size = tuple(float(v) for v in voxel_size)
     seed = zlib.crc32(label.encode()) % (2**31) if seed is None else int(seed)
     echo_times = tuple(float(t) for t in echo_times)
     version = _package_version()
@@ -1298,11 +1314,13 @@ def write_multi_orientation_dataset(
     _write_json(truth_root / "dataset_description.json", {
         "Name": "qsmflow simulation ground truth", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "qsmflow.simulate", "Version": version,
-                         "Description": "brain phantom in several head orientations, dipole forward model"}],
+                         "Description": "brain phantom in several head orientations, supersampled dipole forward model"}],
         "SourceDatasets": [{"URL": "../../"}],
     })
+    fine_shape, fine_voxel = tuple(n * factor for n in shape), tuple(v / factor for v in voxel_size)
+    head = brain_phantom(fine_shape, fine_voxel, age_years=age, seed=seed, air_chi=air_chi)
     reference_affine = affine_for_b0_direction((0.0, 0.0, 1.0), voxel_size, shape)
-    head = brain_phantom(shape, voxel_size, age_years=age, seed=seed, air_chi=air_chi)
+    fine_reference = affine_for_b0_direction((0.0, 0.0, 1.0), fine_voxel, fine_shape)
     common = {
         "MagneticFieldStrength": float(field_strength),
         "ImagingFrequency": round(GYROMAGNETIC_RATIO_MHZ_PER_T * field_strength, 6),
@@ -1310,16 +1328,19 @@ def write_multi_orientation_dataset(
         "RepetitionTime": round(max(echo_times) + 0.007, 6), "FlipAngle": 15,
     }
     for run, (head_rotation, acquisition_rotation) in enumerate(zip(head_rotations, acquisition_rotations), start=1):
-        affine = reference_affine.copy()
-        affine[:3, :] = rotation_matrix(acquisition_rotation) @ reference_affine[:3, :]
-        phantom = tilted_phantom(head, head_rotation, affine, reference_affine)
+        tilt = rotation_matrix(acquisition_rotation)
+        affine, fine_affine = reference_affine.copy(), fine_reference.copy()
+        affine[:3, :] = tilt @ reference_affine[:3, :]
+        fine_affine[:3, :] = tilt @ fine_reference[:3, :]
         direction = b0_direction_from_affine(affine)
-        fields = simulate_field(phantom, b0_direction=direction, shim_order=shim_order)
-        magnitude, phase = simulate_multi_echo(phantom, echo_times=echo_times, field_strength=field_strength,
-                                               snr=snr, seed=seed + 7919 * run, field_ppm=fields.total)
+        acquisition = simulate_acquisition(
+            shape, voxel_size, seed=seed + 7919 * run, echo_times=echo_times, field_strength=field_strength,
+            b0_direction=direction, snr=snr, supersampling=factor, shim_order=shim_order,
+            fine_phantom=tilted_phantom(head, head_rotation, fine_affine, fine_reference))
+        phantom, fields = acquisition.truth, acquisition.fields
         stem = f"sub-{label}_run-{run}"
         for echo, te in enumerate(echo_times, start=1):
-            for part, data, units in (("mag", magnitude, "arbitrary"), ("phase", phase, "rad")):
+            for part, data, units in (("mag", acquisition.magnitude, "arbitrary"), ("phase", acquisition.phase, "rad")):
                 name = f"{stem}_echo-{echo}_part-{part}_MEGRE"
                 _save_nifti(anat / f"{name}.nii.gz", np.ascontiguousarray(data[..., echo - 1]), affine)
                 _write_json(anat / f"{name}.json", {"EchoTime": te, "Units": units, **common})
@@ -1335,7 +1356,8 @@ def write_multi_orientation_dataset(
             _write_json(truth / f"{stem}_{suffix}.json", {
                 **sidecar, "AgeYears": age, "Seed": seed, "B0Direction": direction.tolist(),
                 "HeadRotationDegrees": list(head_rotation), "AcquisitionRotationDegrees": list(acquisition_rotation),
-                "MagneticFieldStrength": float(field_strength), "AirSusceptibility": phantom.air_chi,
+                "Supersampling": factor, "MagneticFieldStrength": float(field_strength),
+                "AirSusceptibility": phantom.air_chi,
             })
     return root
 

@@ -89,8 +89,8 @@ def init_cosmos_wf(members, config: dict, output_dir, *, shape, name: str = "cos
                         name=f"align_{scan.node_name}_{scan.suffix}", n_procs=REGISTRATION_THREADS,
                         mem_gb=round(max(0.5, 30 * volume_gb), 2))
         workflow.connect([
-            (inputnode, align, [(reference_magnitude, "reference_magnitude"), (reference_mask, "reference_mask"),
-                                (magnitude, "magnitude"), (mask, "mask"), (field, "local_field")]),
+            (inputnode, align, [(reference_magnitude, "reference_magnitude"), (magnitude, "magnitude"), (mask, "mask"),
+                                (field, "local_field")]),
             (align, merged["fields"], [("local_field", f"in{index}")]),
             (align, merged["masks"], [("mask", f"in{index}")]),
             (align, merged["directions"], [("b0_direction", f"in{index}")]),

@@ -25,7 +25,6 @@ def _first_echo(magnitude: np.ndarray) -> np.ndarray:
 
 class _AlignInputSpec(BaseInterfaceInputSpec):
     reference_magnitude = File(exists=True, mandatory=True, desc="reference orientation's magnitude (3-D or 4-D)")
-    reference_mask = File(exists=True, mandatory=True, desc="reference orientation's QSM mask")
     magnitude = File(exists=True, mandatory=True, desc="this orientation's magnitude (3-D or 4-D)")
     mask = File(exists=True, mandatory=True, desc="this orientation's QSM mask")
     local_field = File(exists=True, mandatory=True, desc="this orientation's local field (ppm)")
@@ -53,7 +52,6 @@ class AlignOrientation(SimpleInterface):
         from ..resources import thread_count
 
         reference_magnitude, reference_image = load_volume(self.inputs.reference_magnitude)
-        reference_mask, _ = load_volume(self.inputs.reference_mask, dtype=np.uint8)
         magnitude, image = load_volume(self.inputs.magnitude)
         mask, _ = load_volume(self.inputs.mask, dtype=np.uint8)
         field, _ = load_volume(self.inputs.local_field)
@@ -61,7 +59,7 @@ class AlignOrientation(SimpleInterface):
             if data.shape[:3] != magnitude.shape[:3]:
                 raise ValueError(f"{path}: shape {data.shape} differs from the magnitude's {magnitude.shape[:3]}")
         aligned = cosmos_recon.align_orientation(
-            _first_echo(reference_magnitude), reference_mask > 0, reference_image.affine,
+            _first_echo(reference_magnitude), reference_image.affine,
             _first_echo(magnitude), mask > 0, image.affine, field,
             threads=thread_count(self.inputs.threads), output_dir=runtime.cwd,
             interpolation=self.inputs.interpolation)

@@ -224,10 +224,11 @@ def b0_direction_in_reference(reference_affine, world_transform) -> np.ndarray:
     return b0_direction_from_affine(composed)
 
 
-#: Rigid stage used to align the orientations' magnitudes (same contrast and subject): mean
-#: squares on every voxel inside the dilated masks, three levels 4x/2x/1x with iterations at the
-#: finest level too. On the simulated 20-degree tilt (64^3, 3 mm) Mattes MI inside the masks stopped
-#: at 1.1 degrees; mean squares recovered 19.95.
+#: Rigid stage used to align the orientations' magnitudes (same contrast, same head, whole field of
+#: view): mean squares on every voxel, three levels 4x/2x/1x with iterations at the finest level
+#: too. On the simulated 20 and -18 degree tilts (64^3, 3 mm) it recovered the rotations within
+#: 0.02 degrees; restricting the metric to the orientations' QSM masks (which differ between
+#: orientations) stopped Mattes MI at 1.1 degrees and, on supersampled data, mean squares at 12.8.
 ORIENTATION_RIGID_STAGE = {"metric": "meansquares", "sampling_rate": 1.0, "shrink_factors": (4, 2, 1), "smoothing_sigmas": (2, 1, 0),
                            "iterations": (500, 250, 100)}
 
@@ -245,13 +246,13 @@ class AlignedOrientation:
     registration: dict
 
 
-def align_orientation(reference_magnitude, reference_mask, reference_affine, magnitude, mask, affine, local_field, *,
+def align_orientation(reference_magnitude, reference_affine, magnitude, mask, affine, local_field, *,
                       threads=None, output_dir=None, interpolation="bSpline"):
     """Rigidly register an orientation's magnitude to the reference and resample its local field.
 
     The magnitude (3-D, e.g. the first echo) is registered to the reference magnitude with ANTs
-    (:func:`qsmflow.registration.register`, rigid, :data:`ORIENTATION_RIGID_STAGE`, the metric
-    inside each mask dilated by two voxels). The local field is resampled onto the
+    (:func:`qsmflow.registration.register`, rigid, :data:`ORIENTATION_RIGID_STAGE`, the metric over
+    the whole field of view). The local field is resampled onto the
     reference grid with ``interpolation`` (cubic B-spline by default; ``linear`` also accepted),
     the mask with linear interpolation kept where at least 0.5, and the field set to zero outside
     that mask. The rotation (degrees about x, y, z of the world, :func:`rotation_angles`) takes
@@ -266,18 +267,13 @@ def align_orientation(reference_magnitude, reference_mask, reference_affine, mag
 
     if interpolation not in ("linear", "bSpline", "lanczosWindowedSinc"):
         raise ValueError(f"interpolation must be linear, bSpline or lanczosWindowedSinc, got {interpolation!r}")
-    reference_mask = np.asarray(reference_mask, dtype=bool)
     mask = np.asarray(mask, dtype=bool)
-    for name, array in (("reference mask", reference_mask), ("mask", mask)):
-        if not array.any():
-            raise ValueError(f"the {name} is empty")
+    if not mask.any():
+        raise ValueError("the mask is empty")
     fixed = registration.to_ants(reference_magnitude, reference_affine)
     moving = registration.to_ants(magnitude, affine)
-    grow = lambda m: scipy.ndimage.binary_dilation(m, iterations=2).astype(np.float32)  # noqa: E731
-    result = registration.register(
-        fixed, moving, transform="rigid", stages={"rigid": ORIENTATION_RIGID_STAGE}, threads=threads,
-        fixed_mask=registration.to_ants(grow(reference_mask), reference_affine),
-        moving_mask=registration.to_ants(grow(mask), affine), output_dir=output_dir, prefix="orientation_")
+    result = registration.register(fixed, moving, transform="rigid", stages={"rigid": ORIENTATION_RIGID_STAGE},
+                                   threads=threads, output_dir=output_dir, prefix="orientation_")
     world = registration.linear_transform_matrix(result.forward[0])
     field_image = registration.to_ants(np.where(mask, local_field, 0).astype(np.float32), affine)
     resampled_field = registration.apply_transform(fixed, field_image, result.forward, interpolation=interpolation).numpy()

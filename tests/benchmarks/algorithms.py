@@ -3,6 +3,7 @@
 Run by hand (not part of the test-suite):
 
     python tests/benchmarks/algorithms.py [--skip-timing] [--skip-accuracy] [--repeats 3]
+    python tests/benchmarks/algorithms.py --cosmos     # multi-orientation block only
 
 Accuracy block: datasets from the independent ``qsm-forward`` simulator (``simple`` phantom,
 3 T and 7 T, four echoes 4/12/20/28 ms, peak SNR 100, phase offset and second-order shim
@@ -34,7 +35,7 @@ import numpy as np
 
 from qsmflow import metrics, simulate
 from qsmflow.config import load_config, method_parameters
-from qsmflow.recon import background, dipole, echoes, inversion, masking, unwrap
+from qsmflow.recon import background, cosmos, dipole, echoes, inversion, masking, unwrap
 
 ECHO_TIMES = (0.004, 0.012, 0.020, 0.028)
 FFT_MODULES = (background, inversion, unwrap)
@@ -103,6 +104,12 @@ def field_stage(data, unwrapper, fit, mask):
 
 def chain(data, config):
     """Raw phase to Chimap with a configuration's methods; returns (chi, mask)."""
+    local, mask, fit = local_field_chain(data, config)
+    return dipole_inversion(data, config, local, mask, fit)
+
+
+def local_field_chain(data, config):
+    """Raw phase to local field (ppm) with a configuration's methods; returns (local, mask, echo fit)."""
     rss = np.sqrt((data["magnitude"] ** 2).sum(-1))
     mask = masking.MASKING_METHODS[config["mask"]["method"]](rss, data["voxel_size"], **method_parameters(config, "mask"))
     unwrapped = unwrap.unwrap_echoes(data["phase"], data["magnitude"], ECHO_TIMES, mask=mask, voxel_size=data["voxel_size"],
@@ -114,6 +121,11 @@ def chain(data, config):
     total = dipole.hz_to_ppm(fit["field_hz"], data["field_strength"]).astype(np.float32)
     local, mask = background.BACKGROUND_METHODS[config["background"]["method"]](
         total, mask, data["voxel_size"], b0_direction=data["b0_direction"], **method_parameters(config, "background"))
+    return local, mask, fit
+
+
+def dipole_inversion(data, config, local, mask, fit):
+    """A configuration's dipole inversion and referencing of a local field; returns (chi, mask)."""
     chi = inversion.INVERSION_METHODS[config["inversion"]["method"]](
         local, mask, data["voxel_size"], b0_direction=data["b0_direction"], **method_parameters(config, "inversion"))
     return inversion.reference_susceptibility(chi, mask), mask
@@ -252,16 +264,96 @@ def timing_block(repeats: int) -> None:
         report("chain", preset, chain, data, load_config(preset))
 
 
+# --------------------------------------------------------------------------------- COSMOS block
+def orientation_run(root: Path, run: int) -> dict:
+    """One run of a :func:`qsmflow.simulate.write_multi_orientation_dataset` dataset, as arrays."""
+    anat, truth = root / "sub-01" / "anat", root / "derivatives" / "simulation" / "sub-01" / "anat"
+    load = lambda path: np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)  # noqa: E731
+    stem = f"sub-01_run-{run}"
+    affine = nib.load(str(anat / f"{stem}_echo-1_part-mag_MEGRE.nii.gz")).affine
+    return {
+        "magnitude": np.stack([load(anat / f"{stem}_echo-{n}_part-mag_MEGRE.nii.gz") for n in range(1, 5)], -1),
+        "phase": np.stack([load(anat / f"{stem}_echo-{n}_part-phase_MEGRE.nii.gz") for n in range(1, 5)], -1),
+        "affine": affine, "field_strength": 3.0,
+        "voxel_size": tuple(dipole.voxel_sizes_from_affine(affine)),
+        "b0_direction": tuple(dipole.b0_direction_from_affine(affine)),
+        "chi": load(truth / f"{stem}_Chimap.nii.gz"), "mask": load(truth / f"{stem}_desc-brain_mask.nii.gz") > 0,
+        "local_ppm": load(truth / f"{stem}_desc-local_fieldmap.nii.gz"),
+    }
+
+
+def cosmos_of(runs, fields, masks, config):
+    """Align every run's field to the first run and solve COSMOS with ``config['cosmos']``."""
+    reference = runs[0]
+    aligned_fields, aligned_masks, directions, rotations = [fields[0]], [masks[0]], [reference["b0_direction"]], []
+    for data, field, mask in zip(runs[1:], fields[1:], masks[1:]):
+        aligned = cosmos.align_orientation(reference["magnitude"][..., 0], reference["affine"],
+                                           data["magnitude"][..., 0], mask, data["affine"], field, threads=2,
+                                           interpolation=config["cosmos"]["interpolation"])
+        aligned_fields.append(aligned.local_field)
+        aligned_masks.append(aligned.mask)
+        directions.append(aligned.b0_direction)
+        rotations.append(aligned.rotation_degrees)
+    common = np.logical_and.reduce(aligned_masks)
+    chi = cosmos.cosmos(aligned_fields, common, reference["voxel_size"], directions,
+                        threshold=config["cosmos"]["threshold"], iterations=config["cosmos"]["iterations"])
+    return inversion.reference_susceptibility(chi, common), common, rotations
+
+
+def cosmos_block(workdir: Path) -> None:
+    """COSMOS against the truth and against each single-orientation preset (tilted simulated head).
+
+    Three runs of one head: untilted, 20 degrees about x, -18 degrees about y (the simulator's
+    defaults), 64^3 at 3 mm, supersampled forward model; axial acquisitions, then oblique ones
+    (10 degrees about x, -10 about y and 5 about z written in the affines). Rows: each
+    single-orientation preset on run 1 against the truth; COSMOS from the default preset's local
+    fields and from the true local fields; then every preset scored against the COSMOS map of the
+    same set, as in-vivo studies without ground truth evaluate methods.
+    """
+    default = load_config("default")
+    cases = {"axial, SNR 100": {}, "axial, noise-free": {"snr": float("inf")},
+             "oblique, SNR 100": {"acquisition_rotations": [(0, 0, 0), (10, 0, 0), (0, -10, 5)]}}
+    print(f"{'dataset':34s} {'stage':11s} {'method':22s} {'against':9s} {'NRMSE%':>7} {'HFEN%':>7} {'XSIM':>6} {'corr':>6} {'seconds':>8} {'peakGB':>6}")
+    for case, options in cases.items():
+        root = workdir / ("cosmos-" + "".join(c for c in case if c.isalnum()))
+        if not root.exists():
+            simulate.write_multi_orientation_dataset(root, shape=(64, 64, 64), voxel_size=(3.0, 3.0, 3.0), **options)
+        runs = [orientation_run(root, run) for run in (1, 2, 3)]
+        name, truth, true_mask = f"tilted head, {case}", runs[0]["chi"], runs[0]["mask"]
+        presets = {}
+        for preset in ("fast", "default", "accurate"):
+            (chi, mask), seconds, peak = measured(chain, runs[0], load_config(preset))
+            presets[preset] = (chi, mask)
+            print(row(name, "preset", preset, "truth", chi, truth, mask & true_mask, seconds, peak))
+        chained = [local_field_chain(data, default)[:2] for data in runs]
+        (chi, common, rotations), seconds, peak = measured(cosmos_of, runs, [c[0] for c in chained],
+                                                            [c[1] for c in chained], default)
+        print(row(name, "cosmos", "default fields", "truth", chi, truth, common & true_mask, seconds, peak))
+        print(f"{name:34s} {'cosmos':11s} {'recovered rotations':22s} " + "  ".join(
+            f"run-{i + 2}: " + " ".join(f"{v:+.2f}" for v in r) for i, r in enumerate(rotations)))
+        (true_chi, true_common, _), seconds, peak = measured(cosmos_of, runs, [d["local_ppm"] for d in runs],
+                                                             [d["mask"] for d in runs], default)
+        print(row(name, "cosmos", "true local fields", "truth", true_chi, truth, true_common & true_mask, seconds, peak))
+        for preset, (estimate, mask) in presets.items():
+            print(row(name, "preset", preset, "COSMOS", estimate, chi, mask & common, 0.0, 0.0))
+        sys.stdout.flush()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cosmos", action="store_true",
+                        help="only the COSMOS block: a tilted head in three runs, COSMOS vs truth and vs each preset")
     parser.add_argument("--workdir", type=Path, help="where qsm-forward datasets are written (default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temporary:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
+        if args.cosmos:
+            cosmos_block(workdir)
+            return
         if not args.skip_accuracy:
             accuracy_block(workdir)
         if not args.skip_timing:
