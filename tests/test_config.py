@@ -86,7 +86,7 @@ from qsmflow.config import (NOT_SETTABLE, RULES, config_schema, describe, load_y
     ("input.phase_sign=2", "input.phase_sign", "one of 1, -1"),
     ("input.phase_units=integer", "input.phase_units", "'milliradians'"),
     ("input.field_strength=0", "input.field_strength", "[0.1, 20]"),
-    ("reference.method=median", "reference.method", "one of 'mean', 'none'"),
+    ("r2star.method=median", "r2star.method", "one of 'loglinear', 'arlo'"),
 ])
 def test_bad_values_name_the_key_and_the_allowed_values(override, key, allowed):
     with pytest.raises(ConfigError) as error:
