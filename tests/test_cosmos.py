@@ -155,3 +155,23 @@ def test_orientation_sets_by_run_acq_and_files():
         orientation_sets(scans, "files", [["sub-01_run-1_MEGRE", "sub-02_MEGRE"]])
     with pytest.raises(InputError, match="group_by"):
         orientation_sets(scans, "echo")
+
+
+def test_cosmos_workflow_graph_and_unit(tmp_path):
+    from qsmflow.config import load_config
+    from qsmflow.workflows.cosmos import init_cosmos_wf
+    from qsmflow.workunits import collect_units
+
+    members = [_scan(run="1"), _scan(run="2"), _scan(run="3")]
+    config = load_config(overrides=["cosmos.enabled=true"])
+    workflow = init_cosmos_wf(members, config, tmp_path, shape=(8, 8, 8))
+    names = set(workflow.list_node_names())
+    assert {"align_sub_01_run_2_MEGRE", "align_sub_01_run_3_MEGRE", "solve_cosmos", "write_derivatives"} <= names
+    assert not any("run_1" in name for name in names if name.startswith("align_"))
+    (unit,) = collect_units(workflow)
+    assert unit.kind == "cosmos" and unit.subject == "01"
+    assert unit.outputs == ["sub-01/anat/sub-01_rec-cosmos_Chimap.nii.gz"]
+    with pytest.raises(ValueError, match="two or more are needed"):
+        init_cosmos_wf(members[:1], config, tmp_path, shape=(8, 8, 8))
+    with pytest.raises(ValueError, match="cosmos.weighting"):
+        init_cosmos_wf(members, load_config(overrides=["cosmos.weighting=snr"]), tmp_path, shape=(8, 8, 8))

@@ -66,6 +66,13 @@ def init_cosmos_wf(members, config: dict, output_dir, *, shape, name: str = "cos
         names = ", ".join(f"{s.name}_{s.suffix}" for s in members)
         raise ValueError(f"COSMOS orientation set [{names}] has {len(members)} scan(s); two or more are needed")
     settings = config["cosmos"]
+    for key, allowed in (("weighting", ("none", "noise")), ("interpolation", ("bSpline", "linear", "lanczosWindowedSinc"))):
+        if settings[key] not in allowed:
+            raise ValueError(f"configuration key 'cosmos.{key}': {settings[key]!r} is not one of {', '.join(allowed)}")
+    if not 0 < float(settings["threshold"]) < 4.0 / 9.0:
+        raise ValueError(f"configuration key 'cosmos.threshold': {settings['threshold']!r} is not in (0, 4/9)")
+    if int(settings["iterations"]) < 0:
+        raise ValueError(f"configuration key 'cosmos.iterations': {settings['iterations']!r} is negative")
     entities = orientation_set_entities(members)
     chimap_path = derivative_path(".", entities, "Chimap")
     reference_scan = members[0]
