@@ -81,6 +81,7 @@ def test_conventions_give_the_radians_chimap(conventions_run, subject, conventio
     assert sidecar["PhaseInput"]["PhaseSign"] == 1
     for stage in ("Masking", "PhaseUnwrapping", "EchoCombination", "BackgroundFieldRemoval", "DipoleInversion"):
         assert sidecar[stage]["References"] and all(isinstance(r, str) for r in sidecar[stage]["References"]), stage
+    assert any("Robinson" in r for r in sidecar["PhaseUnwrapping"]["References"])  # the temporal unwrapping's paper
     inside = reference != 0
     assert inside.sum() > 20000
     nrmse = 100 * np.linalg.norm(chi[inside] - reference[inside]) / np.linalg.norm(reference[inside])

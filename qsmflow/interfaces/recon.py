@@ -191,7 +191,10 @@ class UnwrapPhase(SimpleInterface):
         )
         self._results["unwrapped"] = save_like(unwrapped, image, "unwrapped_phase.nii")
         provenance = function_provenance(spatial, self.inputs.parameters)
-        provenance["TemporalUnwrapping"] = function_provenance(unwrap.unwrap_echoes, {"method": self.inputs.method})["Description"]
+        temporal = function_provenance(unwrap.unwrap_echoes, {"method": self.inputs.method})
+        provenance["TemporalUnwrapping"] = temporal["Description"]
+        provenance["References"] = provenance["References"] + [r for r in temporal["References"]
+                                                                 if r not in provenance["References"]]
         self._results["provenance"] = provenance
         return runtime
 
