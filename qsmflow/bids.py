@@ -433,8 +433,9 @@ def _json_default(value):
 #: Outputs outside the BIDS-Derivatives specification, listed in the derivatives' ``.bidsignore``
 #: so that the BIDS validator passes over them: the group and atlas levels' tables, figures and
 #: templates (laid out as TemplateFlow), the HTML reports and their figures, and fMRIPrep-style
-#: transforms (``_xfm``, not yet in BIDS).
-BIDS_IGNORED = ("group/", "atlas/", "sub-*.html", "sub-*/figures/", "*_xfm.*", "logs/")
+#: transforms (``_xfm``, not yet in BIDS). Folders without a trailing slash: bids-validator-deno 2
+#: ignored ``sub-*/figures/``, ``group/`` and ``atlas/`` written so (tests/test_reports.py).
+BIDS_IGNORED = ("group", "atlas", "sub-*.html", "sub-*/figures", "*_xfm.*", "logs")
 
 
 def write_dataset_description(output_dir, bids_dir=None) -> Path:

@@ -309,3 +309,19 @@ def test_subject_reports_join_every_scan_of_each_subject_in_the_participant_work
     assert units["sub-01"].kind == "subject" and units["sub-01"].outputs == ["sub-01.html"]
     assert units["sub-02"].outputs == ["sub-02.html"]
     assert any(node.endswith("subject_report_wf.subject_report") for node in units["sub-01"].nodes)
+
+
+def test_report_files_pass_the_bids_validator(tmp_path):
+    """The validator (bids-validator-deno 2) honours a .bidsignore folder pattern only without a
+    trailing slash: with ``sub-*/figures/`` it reported every report folder as NOT_INCLUDED."""
+    from conftest import bids_validator_errors
+    from qsmflow.bids import write_dataset_description
+
+    out = tmp_path / "derivatives"
+    for folder in ("sub-01/figures", "sub-02/figures", "group/figures", "atlas/tpl-Test"):
+        (out / folder).mkdir(parents=True)
+        (out / folder / "figure.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    for subject in ("01", "02"):
+        (out / f"sub-{subject}.html").write_text("<!DOCTYPE html><html></html>\n")
+    write_dataset_description(out)
+    assert bids_validator_errors(out) == []
