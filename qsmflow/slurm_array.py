@@ -57,7 +57,7 @@ from typing import Mapping
 
 import yaml
 
-from .cluster import SLURM_ACTIVE_STATES, ClusterSettings, _sbatch, submission_args
+from .cluster import SLURM_ACTIVE_STATES, ClusterJobError, ClusterSettings, _sbatch, submission_args
 from .config import ConfigError
 
 LOGGER = logging.getLogger("qsmflow")
@@ -73,6 +73,9 @@ SUBMISSIONS = "slurm-array"
 
 #: Memory of the participant command itself (Python, nipype, pybids), beside its nodes' own.
 DRIVER_MEM_GB = 0.5
+
+#: sbatch is tried again this many times, this many seconds apart, when it fails (a busy controller).
+SBATCH_TRIES, SBATCH_RETRY_SECONDS = 2, 5.0
 
 #: Commands this mode needs on PATH.
 COMMANDS = ("sbatch", "squeue", "scancel")
@@ -342,11 +345,6 @@ def submit(bids_dir, output_dir, *, config: dict, work_dir=None, participant_lab
             done.append(label)
         elif label not in in_flight:
             labels.append(label)
-    stale_groups = [job["job"] for job in active if job["kind"] == "group"]
-    if stale_groups:  # replaced by the new group job, which also waits for the new tasks
-        LOGGER.info("cancelling the group job %s of an earlier submission; a new one replaces it", ", ".join(stale_groups))
-        subprocess.run(["scancel", *stale_groups], capture_output=True, timeout=60)
-
     directory = _new_submission_dir(work_dir)
     (directory / "logs").mkdir()
     (directory / "exit-codes").mkdir()
@@ -356,38 +354,25 @@ def submit(bids_dir, output_dir, *, config: dict, work_dir=None, participant_lab
     config_file.write_text(yaml.safe_dump(task_config(config, mem_gb), sort_keys=False))
     resources = submission_args("SLURM", cluster, mem_gb, array.cpus_per_task)
 
-    array_job = None
-    if labels:
-        script = directory / "participant.sbatch"
-        script.write_text(_task_script(directory, _cli(bids_dir, output_dir, "participant", "--plugin", "MultiProc",
-                                                        "--work-dir", work_dir, "--config", config_file,
-                                                        "--progress", "log")))
-        indices = f"0-{len(labels) - 1}" + (f"%{array.max_parallel}" if array.max_parallel else "")
-        array_job = _sbatch([f"--array={indices}", *resources, "--job-name=qsmflow-participant",
-                             f"--output={directory / 'logs' / 'participant-%A_%a.out'}", str(script)],
-                            tries=2, retry_timeout=5)
-        LOGGER.info("submitted SLURM array job %s: %d participant(s) (%s), %d CPU(s) and %.1f GB each",
-                    array_job, len(labels), ", ".join(f"sub-{label}" for label in labels), array.cpus_per_task, mem_gb)
+    try:
+        array_job, group_job = _submit_jobs(directory, labels, in_flight, array, resources, participant_labels,
+                                            participant_command=_cli(bids_dir, output_dir, "participant", "--plugin",
+                                                                     "MultiProc", "--work-dir", work_dir, "--config",
+                                                                     config_file, "--progress", "log"),
+                                            group_command=_cli(bids_dir, output_dir, "group", "--work-dir", work_dir,
+                                                               "--config", config_file, "--progress", "log"))
+    except ClusterJobError:
+        shutil.rmtree(directory, ignore_errors=True)  # nothing half-submitted is left to resume from
+        raise
     if done:
         LOGGER.info("%d participant(s) already done, not submitted: %s", len(done), ", ".join(f"sub-{l}" for l in done))
     if in_flight:
         LOGGER.info("%d participant(s) still queued or running from an earlier submission, not submitted again: %s",
                     len(in_flight), ", ".join(f"sub-{label} ({job})" for label, job in sorted(in_flight.items())))
-
-    group_job = None
-    if not array.group:
-        LOGGER.info("execution.array.group is false: no group job submitted")
-    else:
-        selection = ["--participant-label", *participant_labels] if participant_labels else []
-        script = directory / "group.sbatch"
-        script.write_text(_group_script(directory, _cli(bids_dir, output_dir, "group", "--work-dir", work_dir, "--config",
-                                                         config_file, "--progress", "log", *selection)))
-        waits_for = ([array_job] if array_job else []) + sorted(in_flight.values())
-        dependency = ([f"--dependency=afterok:{':'.join(waits_for)}", "--kill-on-invalid-dep=yes"] if waits_for else [])
-        group_job = _sbatch([*resources, *dependency, "--job-name=qsmflow-group",
-                             f"--output={directory / 'logs' / 'group-%j.out'}", str(script)], tries=2, retry_timeout=5)
-        LOGGER.info("submitted the group job %s%s", group_job,
-                    f", which starts once {', '.join(waits_for)} succeeded" if waits_for else "")
+    stale_groups = [job["job"] for job in active if job["kind"] == "group"]
+    if stale_groups and group_job:  # replaced by the new group job, which also waits for the new tasks
+        LOGGER.info("cancelling the group job %s of an earlier submission; %s replaces it", ", ".join(stale_groups), group_job)
+        subprocess.run(["scancel", *stale_groups], capture_output=True, timeout=60)
 
     submission = Submission(directory=directory, labels=labels, array_job=array_job, group_job=group_job,
                             skipped_done=done, skipped_active=in_flight)
@@ -397,6 +382,41 @@ def submit(bids_dir, output_dir, *, config: dict, work_dir=None, participant_lab
         "cpus_per_task": array.cpus_per_task, "mem_gb": mem_gb, "submitted": time.time(),
     }, indent=2) + "\n")
     return submission
+
+
+def _submit_jobs(directory: Path, labels, in_flight: Mapping[str, str], array: ArraySettings, resources, participant_labels,
+                 *, participant_command: str, group_command: str) -> tuple[str | None, str | None]:
+    """sbatch the participant array and the group job; (array job id, group job id). When sbatch
+    refuses the group job, the array just submitted is cancelled before the error is raised."""
+    array_job = None
+    if labels:
+        script = directory / "participant.sbatch"
+        script.write_text(_task_script(directory, participant_command))
+        indices = f"0-{len(labels) - 1}" + (f"%{array.max_parallel}" if array.max_parallel else "")
+        array_job = _sbatch([f"--array={indices}", *resources, "--job-name=qsmflow-participant",
+                             f"--output={directory / 'logs' / 'participant-%A_%a.out'}", str(script)],
+                            tries=SBATCH_TRIES, retry_timeout=SBATCH_RETRY_SECONDS)
+        LOGGER.info("submitted SLURM array job %s: %d participant(s) (%s), %s", array_job, len(labels),
+                    ", ".join(f"sub-{label}" for label in labels), " ".join(resources))
+    if not array.group:
+        LOGGER.info("execution.array.group is false: no group job submitted")
+        return array_job, None
+    selection = ["--participant-label", *participant_labels] if participant_labels else []
+    script = directory / "group.sbatch"
+    script.write_text(_group_script(directory, shlex.join([*shlex.split(group_command), *selection])))
+    waits_for = ([array_job] if array_job else []) + sorted(in_flight.values())
+    dependency = ([f"--dependency=afterok:{':'.join(waits_for)}", "--kill-on-invalid-dep=yes"] if waits_for else [])
+    try:
+        group_job = _sbatch([*resources, *dependency, "--job-name=qsmflow-group",
+                             f"--output={directory / 'logs' / 'group-%j.out'}", str(script)],
+                            tries=SBATCH_TRIES, retry_timeout=SBATCH_RETRY_SECONDS)
+    except ClusterJobError:
+        if array_job:
+            subprocess.run(["scancel", array_job], capture_output=True, timeout=60)
+        raise
+    LOGGER.info("submitted the group job %s%s", group_job,
+                f", which starts once {', '.join(waits_for)} succeeded" if waits_for else "")
+    return array_job, group_job
 
 
 # --------------------------------------------------------------------------------------------

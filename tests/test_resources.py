@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from qsmflow import resources
 from qsmflow.resources import THREAD_VARIABLES, available_cpus, limited_threads, thread_count
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -113,6 +113,31 @@ def test_tasks_still_queued_from_an_earlier_submission_are_found_by_their_script
         ("41_1", "participant", "02"), ("41_2", "participant", "03"), ("42", "group", None)]
 
 
+def test_a_refused_group_job_cancels_the_array_and_leaves_no_submission(tmp_path, monkeypatch):
+    from qsmflow import simulate
+    from qsmflow.cluster import ClusterJobError
+
+    bids = simulate.write_bids_dataset(tmp_path / "bids", [("01", 30.0)], shape=(24, 28, 24), voxel_size=(4.0, 4.0, 4.0))
+    bin_dir, cancelled = tmp_path / "bin", tmp_path / "scancel.txt"
+    bin_dir.mkdir()
+    scripts = {  # sbatch accepts the array (job 500) and refuses the group job
+        "sbatch": "#!/bin/sh\ncase \"$*\" in *--array=*) echo 500;; *) echo 'sbatch: error: invalid account' >&2; exit 1;; esac\n",
+        "squeue": "#!/bin/sh\nexit 0\n",
+        "scancel": f"#!/bin/sh\necho \"$@\" >> {cancelled}\n",
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(slurm_array, "SBATCH_RETRY_SECONDS", 0.0)
+    config = load_config("slurm-array", ["execution.array.cpus_per_task=1", *(["segmentation.enabled=false"] if NO_SEGMENTATION else [])])
+    work = tmp_path / "work"
+    with pytest.raises(ClusterJobError, match="invalid account"):
+        slurm_array.submit(bids, tmp_path / "out", config=config, work_dir=work)
+    assert cancelled.read_text().split() == ["500"]
+    assert list((work / slurm_array.SUBMISSIONS).iterdir()) == []
+
+
 # ---------------------------------------------------------------- a real SLURM on localhost
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Preconditioned total field inversion (TFI) from a total field with strong sources outside the brain.
 
 The head: an ellipsoidal brain with nuclei (+0.10, +0.18 ppm) and a white-matter-like region
-(-0.05 ppm), and, a few voxels outside the brain (inside TFI's padding), an air-like block of
-+9.4 ppm against tissue whose field inside the brain is about 30 times the tissue's. Bounds are
+(-0.05 ppm), and, a few voxels below the brain (inside TFI's padding), an air-filled ellipsoid of
++9.4 ppm against tissue whose field inside the brain is about 20 times the tissue's. Bounds are
 measured values plus a margin, noted at each.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def head():
     for offset, axes, value in [((-10, 4, 0), (6, 8, 6), 0.10), ((10, 4, 0), (5, 6, 6), 0.18),
                                 ((0, -12, 6), (10, 5, 5), -0.05)]:
         chi[ellipsoid(centre + offset, axes) & mask] = value
-    air = ellipsoid(centre + (0, 20, -34), (8, 6, 4)) & ~mask
+    air = ellipsoid(centre + (0, 12, -36), (16, 12, 6)) & ~mask
     outside = np.where(air, 9.4, 0.0).astype(np.float32)
     local = forward_field(chi, VOXEL, padding=32) * mask
     total = (forward_field(chi + outside, VOXEL, padding=32) * mask).astype(np.float32)
@@ -45,14 +45,14 @@ def head():
 
 def test_tfi_recovers_the_tissue_from_the_total_field(head):
     mask, chi = head["mask"], head["chi"]
-    assert np.std(head["total"][mask] - head["local"][mask]) > 3 * np.std(head["local"][mask])
+    assert np.std(head["total"][mask] - head["local"][mask]) > 10 * np.std(head["local"][mask])  # measured 21
     estimate = inversion.total_field_inversion(head["total"], mask, VOXEL)
     assert estimate.dtype == np.float32 and not estimate[~mask].any()
     error = nrmse(estimate, chi, mask)
     nucleus = chi > 0.15
-    assert error < 55, f"NRMSE {error:.1f} %"  # measured 44 % (PDF + weighted TV: 30 %)
+    assert error < 40, f"NRMSE {error:.1f} %"  # measured 33.7 % (PDF + weighted TV: 33.5 %)
     ignored = inversion.weighted_tv(head["total"], mask, VOXEL)  # the background taken for tissue
-    assert error < 0.95 * nrmse(ignored, chi, mask)  # measured 44 vs 49 %
+    assert error < 0.1 * nrmse(ignored, chi, mask)  # measured 34 vs 719 %
     assert estimate[nucleus].mean() - estimate[mask].mean() > 0.5 * (chi[nucleus].mean() - chi[mask].mean())
 
 
@@ -60,7 +60,7 @@ def test_tfi_preconditioner_helps_with_a_strong_background(head):
     mask, chi = head["mask"], head["chi"]
     preconditioned = nrmse(inversion.total_field_inversion(head["total"], mask, VOXEL), chi, mask)
     plain = nrmse(inversion.total_field_inversion(head["total"], mask, VOXEL, preconditioner=1.0), chi, mask)
-    assert preconditioned < plain
+    assert preconditioned < 0.2 * plain  # measured 34 vs 330 %: without it the air's field stays in the tissue
 
 
 @pytest.mark.parametrize("kwargs", [{"preconditioner": 0.0}, {"regularization": -1.0}, {"iterations": 0},

@@ -8,9 +8,11 @@ from nipype.pipeline import engine as pe
 from qsmflow.config import method_parameters
 from qsmflow.interfaces.derivatives import WriteScanDerivatives
 from qsmflow.bids import derivative_path
+from qsmflow.recon.inversion import TOTAL_FIELD_INVERSIONS
 from qsmflow.workunits import declare_unit
 from qsmflow.interfaces.recon import (
     BrainMask,
+    EdgeWeight,
     FitField,
     InvertDipole,
     LoadEchoes,
@@ -108,16 +110,31 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
         method=config["echoes"]["method"], parameters=method_parameters(config, "echoes"), echo_times=scan.echo_times,
         outlier_factor=config["echoes"]["outlier_factor"],
     ), "echoes", "fit_field")
-    background = node(RemoveBackground(
-        method=config["background"]["method"], parameters=method_parameters(config, "background"),
-        field_strength=scan.field_strength,
-    ), "background", "remove_background")
     inversion = node(InvertDipole(
         method=config["inversion"]["method"], parameters=method_parameters(config, "inversion"),
     ), "inversion", "invert_dipole")
+    # A total-field inversion (TFI) needs no background removal: it takes the total field and its
+    # mask, and provides the QSM mask and the tissue field itself.
+    single_step = config["inversion"]["method"] in TOTAL_FIELD_INVERSIONS
+    if single_step:
+        background = None
+        qsm_source = inversion
+        inversion.inputs.field_strength = scan.field_strength
+        workflow.connect([(fit, inversion, [("field_hz", "field_hz"), ("mask", "mask")])])
+    else:
+        background = node(RemoveBackground(
+            method=config["background"]["method"], parameters=method_parameters(config, "background"),
+            field_strength=scan.field_strength,
+        ), "background", "remove_background")
+        qsm_source = background
+        workflow.connect([
+            (fit, background, [("field_hz", "field_hz"), ("mask", "mask")]),
+            (background, inversion, [("local_field", "local_field"), ("mask", "mask")]),
+        ])
     if b0_direction:
-        background.inputs.b0_direction = [float(v) for v in b0_direction]
         inversion.inputs.b0_direction = [float(v) for v in b0_direction]
+        if background is not None:
+            background.inputs.b0_direction = [float(v) for v in b0_direction]
     reference = node(ReferenceSusceptibility(method=config["reference"]["method"]), "reference", "reference_chi")
 
     root = Path(scan.magnitude_files[0]).parents[3 if scan.entities.get("session") else 2]
@@ -149,30 +166,43 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
         (unwrap, fit, [("unwrapped", "unwrapped")]),
         (load, fit, [("magnitude", "magnitude")]),
         (mask, fit, [("mask", "mask")]),
-        (fit, background, [("field_hz", "field_hz"), ("mask", "mask")]),
-        (background, inversion, [("local_field", "local_field"), ("mask", "mask")]),
-        (load, inversion, [("magnitude", "magnitude")]),
         (inversion, reference, [("chi", "chi")]),
-        (background, reference, [("mask", "mask")]),
+        (qsm_source, reference, [("mask", "mask")]),
         (reference, writer, [("chi", "chi")]),
         (mask, writer, [("mask", "brain_mask")]),
-        (background, writer, [("mask", "qsm_mask"), ("local_field", "local_field")]),
+        (qsm_source, writer, [("mask", "qsm_mask"), ("local_field", "local_field")]),
         (fit, writer, [("field_hz", "total_field")]),
         (load, provenance, [("provenance", "in1")]),
         (mask, provenance, [("provenance", "in2")]),
         (unwrap, provenance, [("provenance", "in3")]),
         (fit, provenance, [("provenance", "in4")]),
-        (background, provenance, [("provenance", "in5")]),
         (inversion, provenance, [("provenance", "in6")]),
         (reference, provenance, [("provenance", "in7")]),
         (provenance, writer, [("out", "provenance")]),
         (reference, outputnode, [("chi", "chi")]),
         (load, outputnode, [("magnitude", "magnitude")]),
         (mask, outputnode, [("mask", "brain_mask")]),
-        (background, outputnode, [("mask", "qsm_mask"), ("local_field", "local_field")]),
+        (qsm_source, outputnode, [("mask", "qsm_mask"), ("local_field", "local_field")]),
         (fit, outputnode, [("field_hz", "total_field")]),
         (writer, outputnode, [("chimap", "chimap")]),
     ])
+    if single_step:
+        provenance.inputs.in5 = {"Description": "none: the total field inversion estimates background and tissue "
+                                                "sources together"}
+    else:
+        workflow.connect([(background, provenance, [("provenance", "in5")])])
+    # Noise weights from the echo fit and MEDI edge weights from the magnitude, for the methods that take them.
+    if config["background"].get("noise_weight") and not single_step:
+        workflow.connect([(fit, background, [("field_weight", "weight")])])
+    if config["inversion"].get("noise_weight"):
+        workflow.connect([(fit, inversion, [("field_weight", "data_weight")])])
+    if config["inversion"].get("edge_weight"):
+        edges = node(EdgeWeight(), "mask", "edge_weight")
+        workflow.connect([
+            (load, edges, [("magnitude", "magnitude")]),
+            (fit if single_step else background, edges, [("mask", "mask")]),
+            (edges, inversion, [("gradient_weight", "gradient_weight")]),
+        ])
     if with_r2star:
         r2star = node(R2Star(method=config["r2star"]["method"], echo_times=scan.echo_times), "r2star", "r2star_map")
         workflow.connect([

@@ -370,6 +370,8 @@ class _InversionInputSpec(_MethodInputSpec):
 
 class _InversionOutputSpec(_ProvenanceOutputSpec):
     chi = File(exists=True, desc="susceptibility (ppm), not referenced")
+    mask = File(exists=True, desc="the mask where chi is valid (the input mask)")
+    local_field = File(exists=True, desc="total-field inversions: the field (ppm) of the solution inside the mask")
 
 
 class InvertDipole(SimpleInterface):
@@ -399,6 +401,12 @@ class InvertDipole(SimpleInterface):
         chi = function(field, mask, dipole.voxel_sizes_from_affine(image.affine), b0_direction=b0_direction,
                        **weights, **self.inputs.parameters)
         self._results["chi"] = save_like(np.where(mask, chi, 0.0), image, "chi_unreferenced.nii")
+        self._results["mask"] = save_like(mask, image, "inversion_mask.nii", dtype=np.uint8)
+        if self.inputs.method in TOTAL_FIELD_INVERSIONS:
+            # The tissue field the solution attributes to sources inside the mask (the local field).
+            tissue_field = dipole.forward_field(np.where(mask, chi, 0.0), dipole.voxel_sizes_from_affine(image.affine),
+                                                b0_direction, padding=16)
+            self._results["local_field"] = save_like(np.where(mask, tissue_field, 0.0), image, "local_field_ppm.nii")
         provenance = function_provenance(function, self.inputs.parameters)
         provenance["B0Direction"] = b0_direction
         provenance["Weights"] = sorted(weights)

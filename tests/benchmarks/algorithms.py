@@ -56,6 +56,7 @@ def qsm_forward_dataset(field_strength: float, workdir: Path) -> dict:
     affine = nib.load(str(anat / "sub-1_echo-1_part-phase_MEGRE.nii")).affine
     return {
         "name": f"qsm-forward simple {field_strength:g}T",
+        "simulation": "qsm-forward",
         "magnitude": np.stack([load(anat / f"sub-1_echo-{n}_part-mag_MEGRE.nii") for n in range(1, 5)], -1),
         "phase": np.stack([load(anat / f"sub-1_echo-{n}_part-phase_MEGRE.nii") for n in range(1, 5)], -1),
         "field_strength": field_strength,
@@ -75,11 +76,81 @@ def brain_phantom_dataset(shape=(90, 108, 90), voxel_size=(2.0, 2.0, 2.0)) -> di
                                                     field_ppm=fields.total)
     return {
         "name": f"qsmflow brain phantom 3T {shape[0]}x{shape[1]}x{shape[2]}",
+        "simulation": "single grid, air/bone x0.25",
         "magnitude": magnitude, "phase": phase, "field_strength": 3.0,
         "voxel_size": np.asarray(voxel_size, float), "b0_direction": np.array([0.0, 0.0, 1.0]),
-        "mask": phantom.brain_mask, "chi": phantom.chi * phantom.brain_mask,
+        "mask": phantom.brain_mask, "chi": phantom.chi * phantom.brain_mask, "labels": phantom.labels,
+        "tissues": phantom.tissues, "label_names": phantom.label_names,
         "total_ppm": fields.total, "local_ppm": fields.local,
     }
+
+
+def honest_dataset(seed=5, tilt_degrees=0.0, azimuth_degrees=90.0, shape=(90, 108, 90), voxel_size=(2.0, 2.0, 2.0)) -> dict:
+    """The brain phantom simulated at 2x resolution with full-strength air and bone, averaged down
+    (:func:`qsmflow.simulate.simulate_acquisition`); the head tilted by ``tilt_degrees``."""
+    tilt, azimuth = np.deg2rad(tilt_degrees), np.deg2rad(azimuth_degrees)
+    b0 = (np.sin(tilt) * np.cos(azimuth), np.sin(tilt) * np.sin(azimuth), np.cos(tilt))
+    acquisition = simulate.simulate_acquisition(shape, voxel_size, age_years=50, seed=seed, echo_times=ECHO_TIMES,
+                                                b0_direction=b0)
+    truth = acquisition.truth
+    return {
+        "name": f"honest seed {seed} tilt {tilt_degrees:g}",
+        "simulation": "2x supersampled, full air/bone",
+        "magnitude": acquisition.magnitude, "phase": acquisition.phase, "field_strength": 3.0,
+        "voxel_size": np.asarray(voxel_size, float), "b0_direction": np.asarray(acquisition.b0_direction),
+        "mask": truth.brain_mask, "chi": truth.chi * truth.brain_mask, "labels": truth.labels, "tissues": truth.tissues,
+        "label_names": truth.label_names, "total_ppm": acquisition.fields.total, "local_ppm": acquisition.fields.local,
+    }
+
+
+#: ROIs of the ROI-accuracy columns: deep grey nuclei and white matter.
+ROI_COLUMNS = ("CN", "PU", "GP", "TH", "IC", "SCC", "OR")
+DEEP_NUCLEI = ("CN", "PU", "GP", "TH")
+CSF_TISSUE = next(t.index for t in simulate.TISSUES if t.name == "csf")
+
+
+def ventricles(data, mask):
+    """The phantom's CSF deeper than 12 mm inside the brain (its ventricles; sulci are shallower)."""
+    import scipy.ndimage as ndi
+
+    depth = ndi.distance_transform_edt(data["mask"], sampling=data["voxel_size"])
+    return mask & (data["tissues"] == CSF_TISSUE) & (depth > 12.0)
+
+
+def roi_accuracy(chi, data, mask, reference="mean"):
+    """ROI means vs truth, both relative to a reference region.
+
+    ``reference``: ``"mean"``, the mean over ``mask`` (what ``reference.method: mean`` does);
+    ``"csf"``, the phantom's ventricles (:func:`ventricles`, truth labels: the best a ventricle
+    reference can do). Returns (slope, offset) of the estimated means regressed on the true ones
+    across :data:`ROI_COLUMNS`, and each ROI's relative error (estimate / truth - 1), or None
+    when the data set has no labels.
+    """
+    if "labels" not in data:
+        return None
+    index = {name: value for value, name in data["label_names"].items()}
+    region = mask if reference == "mean" else ventricles(data, mask)
+    truth_ref, estimate_ref = data["chi"][region].mean(), chi[region].mean()
+    true_means, estimated_means, errors = [], [], {}
+    for name in ROI_COLUMNS:
+        region = (data["labels"] == index[name]) & mask
+        if not region.any():
+            continue
+        true_mean = data["chi"][region].mean() - truth_ref
+        estimated_mean = chi[region].mean() - estimate_ref
+        true_means.append(true_mean)
+        estimated_means.append(estimated_mean)
+        errors[name] = estimated_mean / true_mean - 1.0
+    slope, offset = np.polyfit(true_means, estimated_means, 1)
+    return slope, offset, errors
+
+
+def roi_cells(accuracy, label="mean"):
+    if accuracy is None:
+        return ""
+    slope, offset, errors = accuracy
+    nuclei = " ".join(f"{name} {100 * errors[name]:+5.1f}" for name in DEEP_NUCLEI if name in errors)
+    return f" | ref {label}: slope {slope:4.2f} offset {1000 * offset:+5.1f} ppb, {nuclei} %"
 
 
 # ----------------------------------------------------------------------------------- measuring
@@ -119,15 +190,26 @@ def local_field_chain(data, config):
     if config["echoes"]["outlier_factor"] is not None:
         mask = masking.reliable_field_mask(mask, fit["residual"], outlier_factor=config["echoes"]["outlier_factor"])
     total = dipole.hz_to_ppm(fit["field_hz"], data["field_strength"]).astype(np.float32)
-    local, mask = background.BACKGROUND_METHODS[config["background"]["method"]](
-        total, mask, data["voxel_size"], b0_direction=data["b0_direction"], **method_parameters(config, "background"))
+    weights = {"weight": fit["field_weight"]} if config["background"].get("noise_weight") else {}
+    if config["inversion"]["method"] in inversion.TOTAL_FIELD_INVERSIONS:
+        local = total
+    else:
+        local, mask = background.BACKGROUND_METHODS[config["background"]["method"]](
+            total, mask, data["voxel_size"], b0_direction=data["b0_direction"], **weights,
+            **method_parameters(config, "background"))
     return local, mask, fit
 
 
 def dipole_inversion(data, config, local, mask, fit):
     """A configuration's dipole inversion and referencing of a local field; returns (chi, mask)."""
+    weights = {}
+    if config["inversion"].get("noise_weight"):
+        weights["data_weight"] = fit["field_weight"]
+    if config["inversion"].get("edge_weight"):
+        weights["gradient_weight"] = masking.edge_weight(data["magnitude"], mask, data["voxel_size"])
     chi = inversion.INVERSION_METHODS[config["inversion"]["method"]](
-        local, mask, data["voxel_size"], b0_direction=data["b0_direction"], **method_parameters(config, "inversion"))
+        local, mask, data["voxel_size"], b0_direction=data["b0_direction"], **weights,
+        **method_parameters(config, "inversion"))
     return inversion.reference_susceptibility(chi, mask), mask
 
 
@@ -142,7 +224,8 @@ def row(dataset, stage, method, mode, estimate, truth, mask, seconds, peak, full
 
 def accuracy_block(workdir: Path) -> None:
     default = load_config("default")
-    datasets = [qsm_forward_dataset(3.0, workdir), qsm_forward_dataset(7.0, workdir), brain_phantom_dataset()]
+    datasets = [qsm_forward_dataset(3.0, workdir), qsm_forward_dataset(7.0, workdir), brain_phantom_dataset(),
+                honest_dataset(5, 0.0), honest_dataset(6, 21.0)]
     print(f"{'dataset':34s} {'stage':11s} {'method':22s} {'input':9s} {'NRMSE%':>7} {'HFEN%':>7} {'XSIM':>6} {'corr':>6} {'seconds':>8} {'peakGB':>6}")
     for data in datasets:
         name, true_mask, vs, b0 = data["name"], data["mask"], data["voxel_size"], data["b0_direction"]
@@ -167,10 +250,56 @@ def accuracy_block(workdir: Path) -> None:
                 chi, seconds, peak = measured(function, field, mask, vs, b0_direction=b0,
                                               **(default["inversion"].get(method) or {}))
                 print(row(name, "inversion", method, mode, chi, data["chi"], mask & true_mask, seconds, peak))
+        print(f"{name:34s} simulation: {data['simulation']}")
         for preset in ("fast", "default", "accurate"):
             (chi, mask), seconds, peak = measured(chain, data, load_config(preset))
-            print(row(name, "preset", preset, "raw", chi, data["chi"], mask & true_mask, seconds, peak))
+            evaluated = mask & true_mask
+            print(row(name, "preset", preset, "raw", chi, data["chi"], evaluated, seconds, peak)
+                  + roi_cells(roi_accuracy(chi, data, evaluated)) + roi_cells(roi_accuracy(chi, data, evaluated, "csf"), "CSF"))
         sys.stdout.flush()
+
+
+#: Candidate configurations of the evidence block: preset name plus ``--set``-style overrides.
+CANDIDATES = {
+    "fast": ("fast", {}),
+    "default": ("default", {}),
+    "accurate": ("accurate", {}),
+    "of3+vsharp8+tkd": ("fast", {"echoes.outlier_factor": 3.0, "background.vsharp.radii_mm": [8.0, 6.0, 4.0]}),
+    "of3+pdf8+tv": ("default", {"echoes.outlier_factor": 3.0, "background.pdf.padding": 8}),
+    "of3+pdf8+wtv": ("accurate", {"echoes.outlier_factor": 3.0, "background.pdf.padding": 8}),
+    "of3+pdf8+wtv+noise": ("accurate", {"echoes.outlier_factor": 3.0, "background.pdf.padding": 8,
+                                        "background.noise_weight": True, "inversion.noise_weight": True}),
+    "of3+pdf8+wtv+edges": ("accurate", {"echoes.outlier_factor": 3.0, "background.pdf.padding": 8,
+                                        "inversion.edge_weight": True}),
+    "of3+vsharp8+wtv": ("accurate", {"echoes.outlier_factor": 3.0, "background.method": "vsharp",
+                                     "background.vsharp.radii_mm": [8.0, 6.0, 4.0]}),
+    "of3+tfi": ("accurate", {"echoes.outlier_factor": 3.0, "inversion.method": "tfi"}),
+}
+
+
+def evidence_block(workdir: Path, poses: int) -> None:
+    """Whole chains from raw phase on every data set the defaults are decided on."""
+    rng = np.random.default_rng(11)
+    datasets = [lambda: honest_dataset(5, 0.0), lambda: honest_dataset(6, 21.0)]
+    for seed in range(poses):
+        tilt, azimuth = float(rng.uniform(5, 25)), float(rng.uniform(0, 360))
+        datasets.append(lambda seed=seed, tilt=tilt, azimuth=azimuth: honest_dataset(20 + seed, round(tilt, 1), azimuth))
+    datasets += [lambda: qsm_forward_dataset(3.0, workdir), lambda: qsm_forward_dataset(7.0, workdir),
+                 brain_phantom_dataset]
+    print(f"{'dataset':30s} {'simulation':31s} {'chain':20s} {'NRMSE%':>7} {'cover':>6} {'seconds':>8}")
+    for make in datasets:
+        data = make()
+        for label, (preset, overrides) in CANDIDATES.items():
+            config = load_config(preset, overrides=[f"{key}={value}" for key, value in overrides.items()])
+            try:
+                (chi, mask), seconds, _ = measured(chain, data, config)
+            except ValueError as error:
+                print(f"{data['name']:30s} {data['simulation']:31s} {label:20s} failed: {error}")
+                continue
+            evaluated = mask & data["mask"]
+            print(f"{data['name']:30s} {data['simulation']:31s} {label:20s} {metrics.nrmse(chi, data['chi'], evaluated):7.1f} "
+                  f"{evaluated.sum() / data['mask'].sum():6.3f} {seconds:8.2f}{roi_cells(roi_accuracy(chi, data, evaluated))}"
+                  f"{roi_cells(roi_accuracy(chi, data, evaluated, 'csf'), 'CSF')}", flush=True)
 
 
 # ----------------------------------------------------------------------------------- timing
@@ -344,6 +473,9 @@ def main():
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--evidence", action="store_true",
+                        help="only the chains the preset defaults are decided on (honest phantom poses, qsm-forward)")
+    parser.add_argument("--poses", type=int, default=2, help="random head poses of the evidence block")
     parser.add_argument("--cosmos", action="store_true",
                         help="only the COSMOS block: a tilted head in three runs, COSMOS vs truth and vs each preset")
     parser.add_argument("--workdir", type=Path, help="where qsm-forward datasets are written (default: a temporary folder)")
@@ -351,6 +483,9 @@ def main():
     with tempfile.TemporaryDirectory() as temporary:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
+        if args.evidence:
+            evidence_block(workdir, args.poses)
+            return
         if args.cosmos:
             cosmos_block(workdir)
             return
