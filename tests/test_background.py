@@ -196,3 +196,25 @@ def test_pdf_weight_is_used_and_validated(head):
 def test_bad_arguments_raise(head, call):
     with pytest.raises(ValueError):
         call(head)
+
+
+def test_lbv_fails_the_scan_when_its_solve_does_not_converge(head):
+    # On a mask riddled with holes one CG step leaves 55 % of the Poisson residual (measured):
+    # LBV must refuse instead of returning a wrong map.
+    holed = head["mask"] & (np.random.default_rng(0).random(head["mask"].shape) > 0.3)
+    with pytest.raises(ValueError, match="LBV did not converge"):
+        lbv(head["total"], holed, head["voxel_size"], iterations=1)
+    local, _ = lbv(head["total"], head["mask"], head["voxel_size"])  # the default converges and passes the checks
+    assert np.isfinite(local).all()
+
+
+def test_lbv_divergence_check_rejects_a_local_field_larger_than_the_total(head):
+    from qsmflow.recon.background import _check_lbv_solution
+
+    interior = head["mask"]
+    total = head["total"]
+    exploded = 5 * (total - total[interior].mean()) * interior
+    with pytest.raises(ValueError, match="LBV diverged"):
+        _check_lbv_solution(exploded, np.zeros(1), np.ones(1), total, interior, 500)
+    with pytest.raises(ValueError, match="non-finite"):
+        _check_lbv_solution(np.full(total.shape, np.nan, np.float32), np.zeros(1), np.ones(1), total, interior, 500)
