@@ -40,6 +40,7 @@ class Scan:
     echo_times: list[float]
     field_strength: float | None
     metadata: dict = field(default_factory=dict)
+    t1w_file: str | None = None  # the session's T1w (first by name), for registration
 
     @property
     def subject(self) -> str:
@@ -276,6 +277,12 @@ def collect_scans(bids_dir, participant_labels=None, field_strength: float | Non
             scans.append(_group_scan(layout, groups[key], field_strength))
         except InputError as error:
             errors.append((bids_prefix(entities) + f"_{key[-1]}", str(error)))
+    from bids.layout import Query
+
+    for scan in scans:
+        t1w = layout.get(subject=scan.subject, session=scan.entities.get("session") or Query.NONE, suffix="T1w",
+                         extension=[".nii", ".nii.gz"], datatype="anat", return_type="filename")
+        scan.t1w_file = sorted(t1w)[0] if t1w else None
     return scans, errors
 
 

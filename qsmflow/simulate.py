@@ -1503,6 +1503,151 @@ def simulate_atlas_subject(label: str, age: float, *, shape=DEFAULT_SHAPE, voxel
 # subjects made from the MNI template and the default atlas (ground truth for segmentation)
 
 
+def receive_bias_field(shape, voxel_size, *, seed: int = 0, amplitude: float = 0.2,
+                       smoothness_mm: float = 40.0) -> np.ndarray:
+    """Smooth multiplicative receive-coil bias: ``exp(b)`` with ``b`` Gaussian-smoothed white noise
+    (``smoothness_mm`` sigma) scaled so that its standard deviation over the grid is ``amplitude``
+    (0.2 gives a field of roughly 0.7-1.4 across a head)."""
+    rng = np.random.default_rng(seed)
+    sigma = [smoothness_mm / float(v) for v in voxel_size]
+    field_ = ndimage.gaussian_filter(rng.standard_normal(tuple(int(n) for n in shape)).astype(np.float32), sigma,
+                                     mode="reflect")
+    field_ -= field_.mean()
+    field_ *= np.float32(amplitude / max(float(field_.std()), 1e-12))
+    return np.exp(field_).astype(np.float32)
+
+
+@dataclass
+class TemplateSubject:
+    """A subject made from the MNI template and the default atlas, deformed by a known transform.
+
+    ``magnitude`` (x, y, z, echo; with receive bias and Rician noise), ``chi`` (true susceptibility,
+    ppm rel. CSF, noise-free, 0 outside the brain), ``labels`` (the atlas labels carried by the
+    true deformation: the truth dseg), ``brain_mask``, ``affine`` (subject grid), ``deformation``
+    (subject voxel -> reference-grid voxel), ``roi_chi`` (label value -> true susceptibility).
+    """
+
+    magnitude: np.ndarray
+    chi: np.ndarray
+    labels: np.ndarray
+    brain_mask: np.ndarray
+    affine: np.ndarray
+    deformation: Deformation
+    roi_chi: dict
+    age: float
+
+
+def template_subject(atlas, *, voxel_size=(2.0, 2.0, 2.0), age: float = 40.0, seed: int = 0,
+                     nonlinear_rms_mm: float = 3.5, bias_amplitude: float = 0.2, snr: float = 40.0,
+                     echo_times=DEFAULT_ECHO_TIMES, margin_mm: float = 8.0) -> TemplateSubject:
+    """Simulate a subject from a template and its labels (e.g. :func:`qsmflow.segmentation.build_default_atlas`).
+
+    The phantom's anatomy *is* the atlas' (so that registering the template to it has a right
+    answer): template grey/white/CSF fractions become proton density (:data:`TISSUES`: cortex
+    0.85, white matter 0.72, deep grey 0.8, CSF 0.95) and susceptibility (cortex
+    :data:`CORTEX_CHI`, white matter the background trajectory, each ROI label its
+    :data:`TRUE_TRAJECTORIES` value at ``age``; CSF 0); R2* rises with iron as in
+    :func:`brain_phantom`. The subject grid covers the template brain at ``voxel_size``; every
+    subject voxel samples the 1 mm template maps (after a Gaussian point-spread function of the
+    subject voxel) through a :func:`random_deformation` (random affine plus a smooth nonlinear
+    warp of ``nonlinear_rms_mm`` RMS), labels by nearest neighbour. The magnitude is the
+    first echo times a :func:`receive_bias_field`, with Rician noise of mean brain signal / ``snr``.
+    The GRE-like contrast (CSF bright, grey above white matter, iron-rich nuclei dark at later
+    echoes) differs from the template's T1w. ``magnitude`` has one volume per echo time (last axis).
+    """
+    atlas_affine = np.asarray(atlas.affine, dtype=np.float64)
+    atlas_voxel = np.sqrt((atlas_affine[:3, :3] ** 2).sum(axis=0))
+    voxel_size = np.asarray(voxel_size, dtype=np.float64)
+    where = np.nonzero(atlas.brain_mask)
+    low = np.array([w.min() for w in where]) - margin_mm / atlas_voxel
+    high = np.array([w.max() for w in where]) + margin_mm / atlas_voxel
+    world_low = atlas_affine[:3, :3] @ low + atlas_affine[:3, 3]
+    world_high = atlas_affine[:3, :3] @ high + atlas_affine[:3, 3]
+    start = np.minimum(world_low, world_high)
+    extent = np.abs(world_high - world_low)
+    shape = tuple(int(np.ceil(e / v)) + 1 for e, v in zip(extent, voxel_size))
+    affine = np.diag(list(voxel_size) + [1.0])
+    affine[:3, 3] = start
+
+    # Template-space maps at 1 mm.
+    import nibabel as nib
+
+    from .segmentation import installed_atlas_files
+
+    files = installed_atlas_files()
+    grey = np.asarray(nib.load(str(files["grey_matter"])).dataobj, dtype=np.float32) / 255.0
+    white = np.asarray(nib.load(str(files["white_matter"])).dataobj, dtype=np.float32) / 255.0
+    if grey.shape != atlas.labels.shape:
+        raise ValueError("template_subject needs the default atlas' grid (ICBM 2009a, 1 mm)")
+    brain = atlas.brain_mask
+    csf = np.clip(1.0 - grey - white, 0.0, 1.0) * brain
+    roi_chi = {}
+    rois = atlas.labels > 0
+    deep = np.zeros(grey.shape, bool)
+    wm_chi = float(_curve(BACKGROUND_WHITE_MATTER_TRAJECTORY, age))
+    chi_t = (CORTEX_CHI * grey + wm_chi * white).astype(np.float32)
+    m0_t = (_TISSUE["cortex"].m0 * grey + _TISSUE["white_matter"].m0 * white + _TISSUE["csf"].m0 * csf).astype(np.float32)
+    r2_t = (_TISSUE["cortex"].r2star * grey + _TISSUE["white_matter"].r2star * white + _TISSUE["csf"].r2star * csf).astype(np.float32)
+    for row in atlas.table:
+        where_label = atlas.labels == row.index
+        if not where_label.any():
+            continue
+        value = true_susceptibility(row.abbreviation, age) if row.abbreviation in TRUE_TRAJECTORIES else 0.0
+        roi_chi[row.index] = float(value)
+        chi_t[where_label] = value
+        if row.kind == "deep_grey":
+            deep |= where_label
+            m0_t[where_label] = _TISSUE["deep_grey"].m0
+            r2_t[where_label] = _TISSUE["deep_grey"].r2star + R2STAR_PER_PPM_IRON * max(value, 0.0)
+        elif row.kind == "csf":
+            m0_t[where_label] = _TISSUE["csf"].m0
+            r2_t[where_label] = _TISSUE["csf"].r2star
+    del rois, deep
+    chi_t[~brain] = 0.0
+    m0_t[~brain] = 0.0
+    psf = [0.42 * v / a for v, a in zip(voxel_size, atlas_voxel)]  # FWHM of about one subject voxel
+    echo_times = [float(t) for t in np.atleast_1d(echo_times)]
+    signals_t = [ndimage.gaussian_filter(m0_t * np.exp(-r2_t * np.float32(te)), psf) for te in echo_times]
+    chi_t = ndimage.gaussian_filter(chi_t, psf)
+
+    warp = random_deformation(shape, voxel_size, seed=seed, nonlinear_rms_mm=nonlinear_rms_mm)
+    # Subject voxel -> reference-grid voxel (warp) -> world (subject affine) -> atlas voxel.
+    to_atlas = np.linalg.inv(atlas_affine) @ affine
+    coordinates = (np.einsum("ij,j...->i...", to_atlas[:3, :3].astype(np.float32), warp.coordinates)
+                   + to_atlas[:3, 3].astype(np.float32)[:, None, None, None])
+
+    def sample(array, order):
+        return ndimage.map_coordinates(array, coordinates, order=order, mode="constant", cval=0)
+
+    labels = sample(atlas.labels, 0).astype(np.int16)
+    brain_mask = sample(brain.astype(np.uint8), 0) > 0
+    chi = np.where(brain_mask, sample(chi_t, 1), 0.0).astype(np.float32)
+    bias = receive_bias_field(shape, voxel_size, seed=seed + 1, amplitude=bias_amplitude)
+    signals = [sample(signal_t, 1) * bias for signal_t in signals_t]
+    rng = np.random.default_rng(seed + 2)
+    sigma = float(signals[0][brain_mask].mean()) / snr
+    magnitude = np.stack([np.abs(signal + rng.normal(0.0, sigma, shape) + 1j * rng.normal(0.0, sigma, shape))
+                          for signal in signals], axis=-1).astype(np.float32)
+    return TemplateSubject(magnitude=magnitude, chi=chi, labels=labels, brain_mask=brain_mask, affine=affine,
+                           deformation=warp, roi_chi=roi_chi, age=float(age))
+
+
+def split_hemispheres(labels, affine) -> np.ndarray:
+    """The phantom's bilateral ROI labels as the default atlas' left/right values
+    (:func:`qsmflow.segmentation.label_index`), split at world x = 0 (RAS, left x < 0)."""
+    from .segmentation import label_index
+
+    labels = np.asarray(labels)
+    world_x = np.asarray(affine)[0, 0] * np.arange(labels.shape[0]) + np.asarray(affine)[0, 3]
+    left = (world_x < 0)[:, None, None]
+    split = np.zeros(labels.shape, dtype=np.int16)
+    for roi in ROI_LABELS:
+        where = labels == roi.index
+        split[where & left] = label_index(roi.abbreviation, "left")
+        split[where & ~left] = label_index(roi.abbreviation, "right")
+    return split
+
+
 def phantom_label_atlas(shape=DEFAULT_SHAPE, voxel_size=DEFAULT_VOXEL_SIZE, *, age_years: float = 40.0,
                         echo_time: float = DEFAULT_ECHO_TIMES[0], psf_voxels: float = 0.6):
     """The nominal phantom as a labelled template (a stand-in for the MNI atlas in simulations).

@@ -10,6 +10,7 @@ from qsmflow.interfaces.derivatives import WriteScanDerivatives
 from qsmflow.bids import derivative_path
 from qsmflow.recon.inversion import TOTAL_FIELD_INVERSIONS
 from qsmflow.workunits import declare_unit
+from qsmflow.workflows.segmentation import init_segmentation_wf, segmentation_outputs
 from qsmflow.interfaces.recon import (
     BrainMask,
     EdgeWeight,
@@ -76,9 +77,18 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
     from pathlib import Path
 
     entities = {k: v for k, v in scan.entities.items() if v is not None}
+    segment = config["segmentation"]["enabled"]
+    if config["reference"]["method"] == "csf" and not segment:
+        from qsmflow.config import ConfigError
+
+        raise ConfigError("reference.method: 'csf' needs the atlas labels; set segmentation.enabled: true "
+                          "or choose brain, mean or none")
+    outputs = [str(derivative_path(".", entities, "Chimap"))]
+    if segment:  # the scan is done when its ROI table (written last) is
+        outputs.append(str(segmentation_outputs(entities, "template")["roistats"]))
     workflow = declare_unit(
         pe.Workflow(name=name), kind="scan", name=f"{scan.name}_{scan.suffix}", subject=scan.subject,
-        outputs=[str(derivative_path(".", entities, "Chimap"))],
+        outputs=outputs,
     )
     voxels = int(np.prod(shape))
     echoes = len(scan.echo_times)
@@ -135,7 +145,21 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
         inversion.inputs.b0_direction = [float(v) for v in b0_direction]
         if background is not None:
             background.inputs.b0_direction = [float(v) for v in b0_direction]
-    reference = node(ReferenceSusceptibility(method=config["reference"]["method"]), "reference", "reference_chi")
+    if segment:
+        # The reference may need the atlas labels (csf): it happens inside the segmentation.
+        reference = init_segmentation_wf(
+            config, output_dir, entities=entities, source_file=scan.magnitude_files[0],
+            with_t1w=bool(config["segmentation"]["use_t1w"] and scan.t1w_file), name="segmentation_wf")
+        if config["segmentation"]["use_t1w"] and scan.t1w_file:
+            reference.get_node("inputnode").inputs.t1w = scan.t1w_file
+        reference_in, reference_out = "inputnode.", "outputnode."
+        reference_provenance = "outputnode.reference_provenance"
+    else:
+        reference = node(ReferenceSusceptibility(method=config["reference"]["method"]), "reference", "reference_chi")
+        if config["reference"]["erosion_mm"] is not None:
+            reference.inputs.erosion_mm = float(config["reference"]["erosion_mm"])
+        reference_in = reference_out = ""
+        reference_provenance = "provenance"
 
     root = Path(scan.magnitude_files[0]).parents[3 if scan.entities.get("session") else 2]
     writer = pe.Node(WriteScanDerivatives(
@@ -155,6 +179,7 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
 
     outputnode = pe.Node(niu.IdentityInterface(fields=[
         "chi", "magnitude", "brain_mask", "qsm_mask", "total_field", "local_field", "r2star", "chimap",
+        "dseg", "dseg_tsv", "roistats", "template", "chimap_template", "forward_transform", "inverse_transform",
     ]), name="outputnode")
     with_r2star = multi_echo and config["r2star"]["enabled"]
     provenance = pe.Node(niu.Merge(8 if with_r2star else 7), name="collect_provenance", run_without_submitting=True)
@@ -166,9 +191,10 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
         (unwrap, fit, [("unwrapped", "unwrapped")]),
         (load, fit, [("magnitude", "magnitude")]),
         (mask, fit, [("mask", "mask")]),
-        (inversion, reference, [("chi", "chi")]),
-        (qsm_source, reference, [("mask", "mask")]),
-        (reference, writer, [("chi", "chi")]),
+        (inversion, reference, [("chi", reference_in + "chi")]),
+        (qsm_source, reference, [("mask", reference_in + ("qsm_mask" if segment else "mask"))]),
+        (mask, reference, [("mask", reference_in + "brain_mask")]),
+        (reference, writer, [(reference_out + "chi", "chi")]),
         (mask, writer, [("mask", "brain_mask")]),
         (qsm_source, writer, [("mask", "qsm_mask"), ("local_field", "local_field")]),
         (fit, writer, [("field_hz", "total_field")]),
@@ -177,15 +203,21 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
         (unwrap, provenance, [("provenance", "in3")]),
         (fit, provenance, [("provenance", "in4")]),
         (inversion, provenance, [("provenance", "in6")]),
-        (reference, provenance, [("provenance", "in7")]),
+        (reference, provenance, [(reference_provenance, "in7")]),
         (provenance, writer, [("out", "provenance")]),
-        (reference, outputnode, [("chi", "chi")]),
+        (reference, outputnode, [(reference_out + "chi", "chi")]),
         (load, outputnode, [("magnitude", "magnitude")]),
         (mask, outputnode, [("mask", "brain_mask")]),
         (qsm_source, outputnode, [("mask", "qsm_mask"), ("local_field", "local_field")]),
         (fit, outputnode, [("field_hz", "total_field")]),
         (writer, outputnode, [("chimap", "chimap")]),
     ])
+    if segment:
+        workflow.connect([
+            (load, reference, [("magnitude", "inputnode.magnitude")]),
+            (reference, outputnode, [(f"outputnode.{field}", field) for field in (
+                "dseg", "dseg_tsv", "roistats", "template", "chimap_template", "forward_transform", "inverse_transform")]),
+        ])
     if single_step:
         provenance.inputs.in5 = {"Description": "none: the total field inversion estimates background and tissue "
                                                 "sources together"}

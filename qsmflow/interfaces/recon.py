@@ -417,8 +417,13 @@ class InvertDipole(SimpleInterface):
 # ---------------------------------------------------------------------------------------------
 class _ReferenceInputSpec(BaseInterfaceInputSpec):
     chi = File(exists=True, mandatory=True)
-    mask = File(exists=True, mandatory=True)
-    method = traits.Enum("mean", "none", usedefault=True)
+    mask = File(exists=True, mandatory=True, desc="QSM mask: where chi is valid")
+    method = traits.Enum("mean", "brain", "csf", "none", usedefault=True,
+                         desc="reference region (qsmflow.segmentation.REFERENCE_METHODS)")
+    brain_mask = File(exists=True, desc="brain mask, for 'brain'")
+    labels = File(exists=True, desc="subject-space labels, for 'csf'")
+    table = File(exists=True, desc="label table of labels, for 'csf'")
+    erosion_mm = traits.Float(desc="erosion of the reference region (default: the method's)")
 
 
 class _ReferenceOutputSpec(_ProvenanceOutputSpec):
@@ -426,19 +431,42 @@ class _ReferenceOutputSpec(_ProvenanceOutputSpec):
 
 
 class ReferenceSusceptibility(SimpleInterface):
-    """Reference the susceptibility map (e.g. to the mean over the brain mask)."""
+    """Reference the susceptibility map: its mean over a region becomes zero
+    (:func:`qsmflow.segmentation.reference_region`)."""
 
     input_spec = _ReferenceInputSpec
     output_spec = _ReferenceOutputSpec
 
     def _run_interface(self, runtime):
+        from .. import segmentation
         from ..recon.inversion import reference_susceptibility
 
         chi, image = load_volume(self.inputs.chi)
         mask = load_volume(self.inputs.mask, dtype=np.uint8)[0] > 0
-        referenced = reference_susceptibility(chi, mask, reference=self.inputs.method)
+        method = self.inputs.method
+        optional = {"brain_mask": self.inputs.brain_mask, "labels": self.inputs.labels}
+        if method == "brain" and not isdefined(optional["brain_mask"]):
+            raise ValueError("reference method 'brain' needs the brain mask")
+        if method == "csf" and not (isdefined(optional["labels"]) and isdefined(self.inputs.table)):
+            raise ValueError("reference method 'csf' needs subject-space labels (segmentation.enabled)")
+        region = segmentation.reference_region(
+            method, qsm_mask=mask,
+            brain_mask=load_volume(self.inputs.brain_mask, dtype=np.uint8)[0] > 0 if method == "brain" else None,
+            labels=load_volume(self.inputs.labels, dtype=np.int16)[0] if method == "csf" else None,
+            table=segmentation.read_table(self.inputs.table) if method == "csf" else (),
+            voxel_size=dipole.voxel_sizes_from_affine(image.affine),
+            erosion_mm=self.inputs.erosion_mm if isdefined(self.inputs.erosion_mm) else None)
+        if region is None:
+            referenced = reference_susceptibility(chi, mask, reference="none")
+            offset = 0.0
+        else:
+            referenced = reference_susceptibility(chi, mask, reference="mean", reference_mask=region)
+            offset = float(chi[region].mean(dtype=np.float64))
         self._results["chi"] = save_like(np.where(mask, referenced, 0.0), image, "chi.nii")
         self._results["provenance"] = {
-            "Reference": "mean over the brain mask" if self.inputs.method == "mean" else "none",
+            "Reference": segmentation.REFERENCE_METHODS[method],
+            "ReferenceMethod": method,
+            "ReferenceVoxels": int(region.sum()) if region is not None else 0,
+            "ReferenceOffset": offset,
         }
         return runtime

@@ -1,0 +1,190 @@
+"""qsmflow.segmentation: atlas, subject labels, ROI statistics, reference regions, and the
+segmentation workflow against ground truth."""
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qsmflow import segmentation
+from qsmflow.segmentation import AtlasLabel
+
+
+def _table(*rows):
+    return tuple(AtlasLabel(i, a, a.lower(), h, "test", k) for i, a, h, k in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# ROI statistics (analytic)
+
+def test_roi_statistics_are_the_plain_numbers():
+    labels = np.zeros((6, 6, 6), np.int16)
+    labels[1:3, 1:3, 1:3] = 101  # 8 voxels
+    labels[4, 4, 4] = 201
+    chi = np.zeros((6, 6, 6), np.float32)
+    chi[1:3, 1:3, 1:3] = np.arange(8, dtype=np.float32).reshape(2, 2, 2) / 100
+    chi[4, 4, 4] = -0.05
+    table = _table((101, "CN", "left", "deep_grey"), (201, "CN", "right", "deep_grey"),
+                   (107, "DN", "left", "deep_grey"))
+    rows = segmentation.roi_statistics(chi, labels, table, voxel_size=(2.0, 2.0, 2.0), reference="csf")
+    left, right, empty = rows
+    values = np.arange(8) / 100
+    assert left["roi"] == "CN_L" and right["roi"] == "CN_R"
+    assert left["num_voxels"] == 8 and left["volume_mm3"] == 64.0
+    assert left["mean"] == pytest.approx(values.mean(), abs=1e-7)
+    assert left["median"] == pytest.approx(np.median(values), abs=1e-7)
+    assert left["std"] == pytest.approx(values.std(), abs=1e-7)
+    assert (left["min"], left["max"]) == (pytest.approx(0.0), pytest.approx(0.07))
+    assert right["mean"] == pytest.approx(-0.05) and right["std"] == 0.0
+    assert empty["num_voxels"] == 0 and np.isnan(empty["mean"])
+    assert {r["reference"] for r in rows} == {"csf"}
+    # Voxels outside the QSM mask are not counted.
+    mask = np.ones_like(labels, bool)
+    mask[1, 1, 1] = False
+    masked = segmentation.roi_statistics(chi, labels, table, voxel_size=(2.0, 2.0, 2.0), mask=mask)[0]
+    assert masked["num_voxels"] == 7 and masked["mean"] == pytest.approx(values[1:].mean(), abs=1e-7)
+
+
+def test_roistats_file_has_qsmxt_columns(tmp_path):
+    table = _table((101, "GP", "left", "deep_grey"))
+    labels = np.zeros((4, 4, 4), np.int16)
+    labels[1:3, 1:3, 1:3] = 101
+    rows = segmentation.roi_statistics(np.full((4, 4, 4), 0.1, np.float32), labels, table, voxel_size=(1, 1, 1),
+                                       reference="lateral-ventricle CSF")
+    path = segmentation.write_roistats(tmp_path / "roistats.tsv", rows)
+    with open(path) as handle:
+        read = list(csv.DictReader(handle, delimiter="\t"))
+    assert {"roi", "num_voxels", "min", "max", "median", "mean", "std"} <= set(read[0])  # QSMxT's names
+    assert {"hemisphere", "volume_mm3", "reference"} <= set(read[0])
+    assert read[0]["mean"] == "0.100000" and read[0]["num_voxels"] == "8"
+
+
+def test_erosion_shrinks_rois_but_never_deletes_one():
+    labels = np.zeros((12, 12, 12), np.int16)
+    labels[2:9, 2:9, 2:9] = 1
+    labels[10, 10, 10] = 2
+    eroded = segmentation.erode_labels(labels, 1.0, (1.0, 1.0, 1.0))
+    assert (eroded == 1).sum() == 5**3
+    assert (eroded == 2).sum() == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# refinement by contrast and reference regions
+
+def test_refinement_finds_the_paramagnetic_core_inside_the_search_region():
+    shape = (30, 30, 30)
+    grid = np.indices(shape)
+    true_core = ((grid - np.array([15, 15, 15])[:, None, None, None]) ** 2).sum(axis=0) <= 9
+    chi = np.where(true_core, 0.15, -0.01).astype(np.float32)
+    chi += np.random.default_rng(1).normal(0, 0.005, shape).astype(np.float32)
+    # The atlas label is shifted by 2 voxels and too large.
+    atlas = ((grid - np.array([17, 15, 14])[:, None, None, None]) ** 2).sum(axis=0) <= 20
+    labels = np.where(atlas, 105, 0).astype(np.int16)
+    table = _table((105, "RN", "left", "deep_grey"), (103, "CN", "left", "deep_grey"))
+    refined = segmentation.refine_by_contrast(labels, chi, table, voxel_size=(1, 1, 1), search_mm=3)
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    assert dice(refined == 105, true_core) > 0.95 > dice(atlas, true_core)
+    # Offset-invariant: the reference chosen later cannot change the labels.
+    np.testing.assert_array_equal(segmentation.refine_by_contrast(labels, chi + 0.3, table, voxel_size=(1, 1, 1),
+                                                                 search_mm=3), refined)
+    # ROIs not listed are untouched.
+    assert np.array_equal(segmentation.refine_by_contrast(labels, chi, table, rois=("SN",)), labels)
+
+
+def test_reference_regions():
+    shape = (40, 40, 40)
+    grid = np.indices(shape)
+    brain = ((grid - 20) ** 2).sum(axis=0) <= 18**2
+    qsm = ((grid - 20) ** 2).sum(axis=0) <= 15**2
+    labels = np.zeros(shape, np.int16)
+    labels[16:24, 14:26, 18:23] = 131
+    table = _table((131, "LV", "left", "csf"))
+    brain_region = segmentation.reference_region("brain", brain_mask=brain, qsm_mask=qsm, voxel_size=(2, 2, 2))
+    # 10 mm (5 voxels) inside the brain, whatever the QSM mask as long as it covers that region.
+    from scipy import ndimage
+
+    expected = ndimage.distance_transform_edt(brain) * 2.0 > 10.0
+    np.testing.assert_array_equal(brain_region, expected)
+    assert 0 < brain_region.sum() < qsm.sum()
+    larger_qsm = ((grid - 20) ** 2).sum(axis=0) <= 17**2
+    np.testing.assert_array_equal(segmentation.reference_region("brain", brain_mask=brain, qsm_mask=larger_qsm,
+                                                                voxel_size=(2, 2, 2)), brain_region)
+    csf = segmentation.reference_region("csf", qsm_mask=qsm, labels=labels, table=table, voxel_size=(1, 1, 1))
+    assert csf.sum() == 4 * 8 * 1  # 2 mm in from every face of the 8x12x5 box
+    assert segmentation.reference_region("mean", qsm_mask=qsm) is not None
+    assert segmentation.reference_region("none", qsm_mask=qsm) is None
+    with pytest.raises(ValueError, match="kind 'csf'"):
+        segmentation.reference_region("csf", qsm_mask=qsm, labels=labels, table=_table((131, "LV", "left", "other")))
+    with pytest.raises(ValueError, match="empty"):
+        segmentation.reference_region("csf", qsm_mask=qsm, labels=labels, table=table, erosion_mm=20.0)
+
+
+def test_reference_interface_names_the_region_it_used(tmp_path):
+    """The Chimap sidecar used to say 'mean over the brain mask' while the code referenced the
+    QSM mask (the mask after background removal)."""
+    from qsmflow.interfaces.recon import ReferenceSusceptibility
+
+    affine = np.eye(4)
+    chi = np.random.default_rng(0).normal(0.05, 0.01, (10, 10, 10)).astype(np.float32)
+    qsm = np.zeros((10, 10, 10), np.uint8)
+    qsm[2:8, 2:8, 2:8] = 1
+    nib.save(nib.Nifti1Image(chi, affine), tmp_path / "chi.nii.gz")
+    nib.save(nib.Nifti1Image(qsm, affine), tmp_path / "qsm.nii.gz")
+    result = ReferenceSusceptibility(chi=str(tmp_path / "chi.nii.gz"), mask=str(tmp_path / "qsm.nii.gz"),
+                                     method="mean").run(cwd=str(tmp_path))
+    provenance = result.outputs.provenance
+    assert "brain mask" not in provenance["Reference"]
+    assert provenance["Reference"] == segmentation.REFERENCE_METHODS["mean"]
+    assert "QSM mask" in provenance["Reference"]
+    referenced = nib.load(result.outputs.chi).get_fdata()
+    assert abs(referenced[qsm > 0].mean()) < 1e-6
+    with pytest.raises(ValueError, match="needs subject-space labels"):
+        ReferenceSusceptibility(chi=str(tmp_path / "chi.nii.gz"), mask=str(tmp_path / "qsm.nii.gz"),
+                                method="csf").run(cwd=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# atlases
+
+def test_user_atlas_errors_name_the_file(tmp_path):
+    affine = np.eye(4)
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), affine), tmp_path / "t.nii.gz")
+    labels = np.zeros((8, 8, 8), np.int16)
+    labels[2:4, 2:4, 2:4] = 5
+    labels[5:7, 5:7, 5:7] = 9
+    nib.save(nib.Nifti1Image(labels, affine), tmp_path / "l.nii.gz")
+    (tmp_path / "table.tsv").write_text("index\tname\n5\tputamen\n")
+    with pytest.raises(ValueError, match=r"table.tsv: no row for label value\(s\) \[9\]"):
+        segmentation.load_user_atlas(tmp_path / "t.nii.gz", tmp_path / "l.nii.gz", tmp_path / "table.tsv")
+    (tmp_path / "table.tsv").write_text("index\tname\themisphere\tkind\n5\tputamen\tleft\tdeep_grey\n9\tventricle\tbilateral\tcsf\n")
+    atlas = segmentation.load_user_atlas(tmp_path / "t.nii.gz", tmp_path / "l.nii.gz", tmp_path / "table.tsv",
+                                         name="MyTemplate")
+    assert [r.kind for r in atlas.table] == ["deep_grey", "csf"] and atlas.name == "MyTemplate"
+    with pytest.raises(FileNotFoundError, match="segmentation.atlas.labels"):
+        segmentation.load_user_atlas(tmp_path / "t.nii.gz", tmp_path / "missing.nii.gz", tmp_path / "table.tsv")
+
+
+@pytest.fixture(scope="module")
+def default_atlas():
+    return segmentation.default_atlas()
+
+
+def test_default_atlas_has_every_roi_on_both_sides(default_atlas):
+    volumes = {}
+    for row in default_atlas.table:
+        volumes[(row.abbreviation, row.hemisphere)] = int((default_atlas.labels == row.index).sum())  # 1 mm^3 voxels
+    for abbreviation in ("CN", "PU", "GP", "TH", "RN", "SN", "DN", "IC", "SCC", "OR", "LV"):
+        for side in ("left", "right"):
+            assert volumes[(abbreviation, side)] > 100, (abbreviation, side)
+    # Plausible adult volumes (mL): caudate 3-6, putamen 4-9, pallidum 1.5-3.5, thalamus 6-12.
+    for abbreviation, (low, high) in {"CN": (3, 6), "PU": (4, 9), "GP": (1.5, 3.5), "TH": (6, 12)}.items():
+        for side in ("left", "right"):
+            assert low * 1000 < volumes[(abbreviation, side)] < high * 1000, (abbreviation, side)
+    # Left labels lie left of the midline (RAS x < 0).
+    x = segmentation._world_x(default_atlas.labels.shape, default_atlas.affine)
+    for row in default_atlas.table:
+        where = x[np.broadcast_to(default_atlas.labels == row.index, x.shape)]
+        assert (where < 0).all() if row.hemisphere == "left" else (where > 0).all()
