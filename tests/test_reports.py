@@ -310,6 +310,17 @@ def test_subject_reports_join_every_scan_of_each_subject_in_the_participant_work
     assert units["sub-02"].outputs == ["sub-02.html"]
     assert any(node.endswith("subject_report_wf.subject_report") for node in units["sub-01"].nodes)
 
+    # with segmentation the scan workflows' outputnodes also give labels, table, ROI values, template
+    segmented = load_config(None, ["segmentation.enabled=true"])
+    workflow = init_participant_wf(scans, segmented, tmp_path / "out")
+    subjects = {label: workflow.get_node(subject_workflow_name(label)) for label in ("01", "02")}
+    scan_wfs = {id(s): subjects[s.subject].get_node(f"{s.node_name}_{s.suffix}_wf") for s in scans}
+    report_wf = add_subject_reports(subjects, scans, scan_wfs, segmented, tmp_path / "out")["02"]
+    fields = {(source.split(".")[-1], target.split(".")[-1]) for edge in subjects["02"]._graph.in_edges(report_wf, data=True)
+              for source, target in edge[2]["connect"]}
+    assert {("dseg", "dseg_0"), ("dseg_tsv", "dseg_tsv_0"), ("roistats", "roistats_0"), ("template", "template_0"),
+            ("chimap", "chimap_0")} <= fields
+
 
 def test_report_files_pass_the_bids_validator(tmp_path):
     """The validator (bids-validator-deno 2) honours a .bidsignore folder pattern only without a

@@ -131,8 +131,9 @@ def add_subject_reports(subject_wfs: dict, scans, scan_wfs: dict, config: dict, 
         The report shows (and hashes) every section but ``execution``, which does not change
         results.
     segmentation_wfs : dict, optional
-        ``id(scan)`` -> the scan's segmentation workflow; scans without one are reported
-        without segmentation (when no scan of a subject has one).
+        ``id(scan)`` -> the workflow whose ``outputnode`` has the scan's ``dseg``, ``dseg_tsv``,
+        ``roistats`` and ``template``; default: the scan's workflow itself when
+        ``segmentation.enabled`` (:func:`init_scan_qsm_wf` nests the segmentation), else none.
 
     Returns
     -------
@@ -142,7 +143,9 @@ def add_subject_reports(subject_wfs: dict, scans, scan_wfs: dict, config: dict, 
 
     settings = config.get("report", {})
     shown = {key: value for key, value in config.items() if key != "execution"}
-    segmentation_wfs = segmentation_wfs or {}
+    if segmentation_wfs is None:
+        segmented = config.get("segmentation", {}).get("enabled", False)
+        segmentation_wfs = {id(s): scan_wfs[id(s)] for s in scans} if segmented else {}
     reports = {}
     for subject, subject_wf in subject_wfs.items():
         members = sorted((s for s in scans if s.subject == subject), key=lambda s: f"{s.name}_{s.suffix}")

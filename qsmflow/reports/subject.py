@@ -244,7 +244,7 @@ def _scan_section(page: ReportPage, scan: ScanReportFiles, figure_dir: Path, *, 
         header = read_tsv(scan.roistats)[0]
         relative = f", relative to {', '.join(roi_references)}" if roi_references else ""
         # the reference is the same in every row: it goes into the caption, not a column
-        section.table_from_tsv(scan.roistats, caption=f"ROI statistics ({Path(scan.roistats).name}); χ in ppm{relative}.",
+        section.table_from_tsv(scan.roistats, caption=f"ROI statistics ({prefix}_roistats.tsv); χ in ppm{relative}.",
                                columns=[c for c in header if c != "reference" or len(roi_references) > 1], decimals=_ROI_DECIMALS)
     elif scan.dseg:
         section.note("No ROI statistics table was given for this scan.")
