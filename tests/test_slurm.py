@@ -31,6 +31,7 @@ from qsmflow import cluster
 from qsmflow.cluster import ClusterSettings, PBSPlugin, SGEPlugin, SLURMGraphPlugin, SLURMPlugin, submission_args
 from qsmflow.config import ConfigError, load_config
 from qsmflow.execution import plugin_settings, read_crash_files
+from qsmflow.workunits import WorkUnit
 
 # The dipole inversion is made slow enough (about 2 s) to cancel its job while it computes.
 RECON = ["--set", "inversion.method=tv", "inversion.tv.iterations=600", "inversion.tv.tolerance=1.0e-12"]
@@ -195,8 +196,9 @@ def test_a_job_lost_without_result_becomes_a_readable_failure(tmp_path, queue_st
     result = plugin._get_result(77)
     assert isinstance(result["traceback"], list)
     report_crash(node, traceback=result["traceback"])  # what nipype's _clean_queue calls
-    (failure,) = read_crash_files(tmp_path / "crashes")
-    assert (failure.subject, failure.node) == ("01", "invert_dipole")
+    unit = WorkUnit(kind="scan", name="sub-01_MEGRE", subject="01", nodes=["sub_01_wf.sub_01_MEGRE_wf.invert_dipole"])
+    (failure,) = read_crash_files(tmp_path / "crashes", [unit])
+    assert (failure.subject, failure.unit, failure.node) == ("01", "sub-01_MEGRE", "invert_dipole")
     assert failure.reason == (f"ClusterJobError: SLURM job 77 ended{described} without writing a result; "
                               "job log: /work/batch/slurm-77.out")
 
