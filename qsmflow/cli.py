@@ -386,6 +386,9 @@ def run_demo(output_dir: Path, *, subjects: int, config: dict, work_dir: Path | 
     if not (bids_dir / "dataset_description.json").exists():
         LOGGER.info("simulating %d subjects in %s", subjects, bids_dir)
         simulate.write_bids_dataset(bids_dir, simulate.lifespan_demo_cohort(subjects))
+    if not config["segmentation"]["enabled"]:  # the group level needs every scan's ROI table
+        LOGGER.info("demo: segmentation enabled (ROI tables for the group level)")
+        config = {**config, "segmentation": {**config["segmentation"], "enabled": True}}
     code = run_participant(bids_dir, derivatives, config=config, work_dir=work_dir or output_dir / "work", debug=debug,
                            progress=progress)
     table = demo_accuracy_table(bids_dir, derivatives)
