@@ -154,6 +154,8 @@ RULES: dict[str, dict] = {
     # pipeline stages
     "mask.file": nullable(string()),
     "echoes.outlier_factor": nullable(positive()),
+    "echoes.edge_outlier_factor": nullable(positive()),
+    "echoes.edge_mm": number(0),
     "r2star.method": choice("loglinear", "arlo"),
     "reference.method": choice("csf", "brain", "mean", "none"),
     "reference.erosion_mm": nullable(number(0, 30)),

@@ -214,3 +214,24 @@ def test_r2star_validation():
         r2star_map(magnitude, (1e-3, 2e-3, 3e-3), method="magic")
     with pytest.raises(ValueError, match="4-D"):
         r2star_map(magnitude[..., 0], (1e-3,))
+
+
+def test_reliability_mask_is_stricter_in_the_outer_shell():
+    from qsmflow.recon.masking import reliable_field_mask
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((30, 30, 30), bool)
+    mask[3:27, 3:27, 3:27] = True
+    residual = np.abs(rng.normal(0.05, 0.01, mask.shape)).astype(np.float32)
+    spread = 1.4826 * np.median(np.abs(residual[mask] - np.median(residual[mask])))
+    misfit = np.median(residual[mask]) + 5 * spread  # a robust z-score of 5: partial volume, not noise
+    residual[3, 10:14, 10:14] = misfit   # on the mask's boundary
+    residual[15, 10:14, 10:14] = misfit  # deep inside
+    lenient = reliable_field_mask(mask, residual, outlier_factor=10.0)
+    strict_edge = reliable_field_mask(mask, residual, outlier_factor=10.0, edge_outlier_factor=3.0, edge_mm=4.0,
+                                      voxel_size=(2.0, 2.0, 2.0))
+    assert lenient[3, 10:14, 10:14].all() and lenient[15, 10:14, 10:14].all()
+    assert not strict_edge[3, 10:14, 10:14].any()  # dropped at the edge
+    assert strict_edge[15, 10:14, 10:14].all()     # kept inside: 22 mm from the edge
+    with pytest.raises(ValueError, match="edge_outlier_factor"):
+        reliable_field_mask(mask, residual, edge_outlier_factor=0.0)

@@ -211,6 +211,9 @@ class _FitFieldInputSpec(_MethodInputSpec):
     echo_times = traits.List(traits.Float, mandatory=True)
     outlier_factor = traits.Either(None, traits.Float, default=None, usedefault=True,
                                    desc="drop voxels whose fit residual is an outlier (robust z-score); None keeps all")
+    edge_outlier_factor = traits.Either(None, traits.Float, default=None, usedefault=True,
+                                        desc="stricter outlier factor in the mask's outer edge_mm; None: outlier_factor")
+    edge_mm = traits.Float(6.0, usedefault=True, desc="width of that outer shell (mm)")
 
 
 class _FitFieldOutputSpec(_ProvenanceOutputSpec):
@@ -237,9 +240,12 @@ class FitField(SimpleInterface):
         provenance = function_provenance(function, self.inputs.parameters)
         provenance["EchoTimes"] = list(self.inputs.echo_times)
         if self.inputs.outlier_factor is not None:
-            reliable = reliable_field_mask(mask, fit["residual"], outlier_factor=self.inputs.outlier_factor)
+            options = {"outlier_factor": self.inputs.outlier_factor,
+                       "edge_outlier_factor": self.inputs.edge_outlier_factor, "edge_mm": self.inputs.edge_mm}
+            reliable = reliable_field_mask(mask, fit["residual"], voxel_size=dipole.voxel_sizes_from_affine(image.affine),
+                                           **options)
             provenance["ReliabilityMask"] = {
-                **function_provenance(reliable_field_mask, {"outlier_factor": self.inputs.outlier_factor}),
+                **function_provenance(reliable_field_mask, options),
                 "VoxelsExcluded": int(mask.sum() - reliable.sum()),
             }
             mask = reliable

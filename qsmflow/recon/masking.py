@@ -145,7 +145,9 @@ def brain_mask_from_magnitude(
 
 
 #: Masking algorithms by config name; signature ``(magnitude, voxel_size, **params)``.
-def reliable_field_mask(mask: np.ndarray, residual: np.ndarray, *, outlier_factor: float = 10.0) -> np.ndarray:
+def reliable_field_mask(mask: np.ndarray, residual: np.ndarray, *, outlier_factor: float = 10.0,
+                        edge_outlier_factor: float | None = None, edge_mm: float = 6.0,
+                        voxel_size=(1.0, 1.0, 1.0)) -> np.ndarray:
     """Drop voxels whose multi-echo phase does not follow a line in echo time.
 
     Voxels with little signal (bone, vessels, air next to tissue) get a field estimate dominated
@@ -164,10 +166,26 @@ def reliable_field_mask(mask: np.ndarray, residual: np.ndarray, *, outlier_facto
         RMS residual (rad) of the echo fit, as returned by :mod:`qsmflow.recon.echoes` fits.
     outlier_factor : float
         Robust z-score above which a voxel is unreliable.
+    edge_outlier_factor : float or None
+        A stricter z-score for the voxels within ``edge_mm`` of the mask's boundary, where the
+        phase of tissue next to bone and air suffers from partial volume and intravoxel
+        dephasing (a misfit in echo time, not noise). None applies ``outlier_factor`` everywhere.
+    edge_mm : float
+        Width of that boundary shell.
+    voxel_size : sequence of 3 floats (mm)
+        For the shell's width.
 
     Returns
     -------
     bool array, a subset of ``mask``.
+
+    Notes
+    -----
+    On the supersampled brain phantom (:func:`qsmflow.simulate.simulate_acquisition`, straight and
+    17-degree heads) an edge factor of 3 in the outer 6 mm lowered the Chimap NRMSE of PDF + TV
+    from 95 and 74 % to 74 and 68 %, with qsm-forward 3 T unchanged (26.3 -> 26.4 %); a factor
+    of 3 everywhere gave 68 and 66 % but 28.2 % on qsm-forward (its scattered noisy voxels then
+    leave holes).
 
     References
     ----------
@@ -179,12 +197,19 @@ def reliable_field_mask(mask: np.ndarray, residual: np.ndarray, *, outlier_facto
     mask = np.asarray(mask, dtype=bool)
     if outlier_factor <= 0:
         raise ValueError(f"outlier_factor must be positive, got {outlier_factor}")
+    if edge_outlier_factor is not None and edge_outlier_factor <= 0:
+        raise ValueError(f"edge_outlier_factor must be positive, got {edge_outlier_factor}")
+    if not edge_mm >= 0:
+        raise ValueError(f"edge_mm must be non-negative, got {edge_mm}")
     values = residual[mask]
     median = np.median(values)
     spread = 1.4826 * np.median(np.abs(values - median))
     if spread == 0:  # a single echo or noise-free data: nothing to judge by
         return mask.copy()
     reliable = mask & (residual <= median + outlier_factor * spread)
+    if edge_outlier_factor is not None and edge_mm > 0:
+        depth = ndi.distance_transform_edt(np.pad(mask, 1), sampling=_validate_voxel_size(voxel_size))[1:-1, 1:-1, 1:-1]
+        reliable &= ~((depth <= edge_mm) & (residual > median + edge_outlier_factor * spread))
     return _largest_component(reliable)
 
 

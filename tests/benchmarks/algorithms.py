@@ -188,7 +188,9 @@ def local_field_chain(data, config):
     fit = echoes.FIELD_FITS[config["echoes"]["method"]](unwrapped, data["magnitude"], ECHO_TIMES, mask=mask,
                                                         **method_parameters(config, "echoes"))
     if config["echoes"]["outlier_factor"] is not None:
-        mask = masking.reliable_field_mask(mask, fit["residual"], outlier_factor=config["echoes"]["outlier_factor"])
+        mask = masking.reliable_field_mask(mask, fit["residual"], outlier_factor=config["echoes"]["outlier_factor"],
+                                           edge_outlier_factor=config["echoes"].get("edge_outlier_factor"),
+                                           edge_mm=config["echoes"].get("edge_mm", 6.0), voxel_size=data["voxel_size"])
     total = dipole.hz_to_ppm(fit["field_hz"], data["field_strength"]).astype(np.float32)
     weights = {"weight": fit["field_weight"]} if config["background"].get("noise_weight") else {}
     if config["inversion"]["method"] in inversion.TOTAL_FIELD_INVERSIONS:
@@ -264,17 +266,23 @@ CANDIDATES = {
     "fast": ("fast", {}),
     "default": ("default", {}),
     "accurate": ("accurate", {}),
-    "of3+vsharp8+tkd": ("fast", {"echoes.outlier_factor": 3.0, "background.vsharp.radii_mm": [8.0, 6.0, 4.0]}),
-    "of3+pdf8+tv": ("default", {"echoes.outlier_factor": 3.0, "background.pdf.padding": 8}),
-    "of3+pdf8+wtv": ("accurate", {"echoes.outlier_factor": 3.0, "background.pdf.padding": 8}),
-    "of3+pdf8+wtv+noise": ("accurate", {"echoes.outlier_factor": 3.0, "background.pdf.padding": 8,
-                                        "background.noise_weight": True, "inversion.noise_weight": True}),
-    "of3+pdf8+wtv+edges": ("accurate", {"echoes.outlier_factor": 3.0, "background.pdf.padding": 8,
-                                        "inversion.edge_weight": True}),
-    "of3+vsharp8+wtv": ("accurate", {"echoes.outlier_factor": 3.0, "background.method": "vsharp",
-                                     "background.vsharp.radii_mm": [8.0, 6.0, 4.0]}),
-    "of3+tfi": ("accurate", {"echoes.outlier_factor": 3.0, "inversion.method": "tfi"}),
+    "default, no edge factor": ("default", {"echoes.edge_outlier_factor": None}),
+    "accurate, no edge factor": ("accurate", {"echoes.edge_outlier_factor": None}),
+    "default, factor 3": ("default", {"echoes.outlier_factor": 3.0}),
+    "accurate, factor 3": ("accurate", {"echoes.outlier_factor": 3.0}),
+    "accurate, pdf pad 8": ("accurate", {"background.pdf.padding": 8}),
+    "accurate + noise w.": ("accurate", {"background.noise_weight": True, "inversion.noise_weight": True}),
+    "accurate + edge w.": ("accurate", {"inversion.edge_weight": True}),
+    "accurate, vsharp": ("accurate", {"background.method": "vsharp"}),
+    "accurate, tfi": ("accurate", {"inversion.method": "tfi"}),
 }
+
+
+def _yaml_value(value) -> str:
+    """``value`` as a ``--set`` string: YAML spells None, True and False null, true and false."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)
 
 
 def evidence_block(workdir: Path, poses: int) -> None:
@@ -290,7 +298,7 @@ def evidence_block(workdir: Path, poses: int) -> None:
     for make in datasets:
         data = make()
         for label, (preset, overrides) in CANDIDATES.items():
-            config = load_config(preset, overrides=[f"{key}={value}" for key, value in overrides.items()])
+            config = load_config(preset, overrides=[f"{key}={_yaml_value(value)}" for key, value in overrides.items()])
             try:
                 (chi, mask), seconds, _ = measured(chain, data, config)
             except ValueError as error:
@@ -348,7 +356,7 @@ def fft_seconds(name: str, shape: tuple, dtype: str, cache: dict) -> float:
     return cache[key]
 
 
-def timing_block(repeats: int) -> None:
+def timing_block(repeats: int, chains_only: bool = False) -> None:
     shape = (164, 205, 205)
     phantom = simulate.brain_phantom(shape, (1.0, 1.0, 1.0), age_years=50, seed=1)
     magnitude, phase = simulate.simulate_multi_echo(phantom, echo_times=ECHO_TIMES, field_strength=3.0, seed=1)
@@ -377,6 +385,10 @@ def timing_block(repeats: int) -> None:
         ratio = f"{median / floor:6.2f}" if floor else f"{'-':>6}"
         print(f"{stage:11s} {label:16s} {median:8.2f} {int(statistics.median(counts)):5d} {floor:8.2f} {ratio} {max(peaks):6.2f}", flush=True)
 
+    if chains_only:
+        for preset in ("fast", "default", "accurate"):
+            report("chain", preset, chain, data, load_config(preset))
+        return
     report("mask", "threshold", masking.brain_mask_from_magnitude, rss, vs)
     for unwrapper in unwrap.SPATIAL_UNWRAPPERS:
         report("unwrap", unwrapper, unwrap.unwrap_echoes, phase, magnitude, ECHO_TIMES, mask=mask, voxel_size=vs, method=unwrapper)
@@ -480,6 +492,7 @@ def main():
     parser.add_argument("--evidence", action="store_true",
                         help="only the chains the preset defaults are decided on (honest phantom poses, qsm-forward)")
     parser.add_argument("--poses", type=int, default=2, help="random head poses of the evidence block")
+    parser.add_argument("--chains-only", action="store_true", help="timing block: only the presets' whole chains")
     parser.add_argument("--cosmos", action="store_true",
                         help="only the COSMOS block: a tilted head in three runs, COSMOS vs truth and vs each preset")
     parser.add_argument("--workdir", type=Path, help="where qsm-forward datasets are written (default: a temporary folder)")
@@ -496,7 +509,7 @@ def main():
         if not args.skip_accuracy:
             accuracy_block(workdir)
         if not args.skip_timing:
-            timing_block(args.repeats)
+            timing_block(args.repeats, args.chains_only)
 
 
 if __name__ == "__main__":
