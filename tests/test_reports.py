@@ -105,7 +105,7 @@ def test_figures_reject_bad_requests(tmp_path):
 
 def test_format_value_and_escaping(tmp_path):
     assert format_value("0.123456") == "0.1235"
-    assert format_value(12.0) == "12"
+    assert format_value(12.0) == "12.0000" and format_value("607") == "607" and format_value("1125.000000", decimals=1) == "1125.0"
     assert format_value(np.int64(7)) == "7"
     assert format_value("n/a") == "n/a" and format_value(float("nan")) == "n/a"
     assert format_value("1188.25", decimals=1) == "1188.2"
@@ -213,7 +213,7 @@ def test_subject_report_references_only_local_files_and_shows_the_roi_table(subj
     assert all(link.startswith("#") for link in parser.links)
 
     header, rows = read_tsv(scans[0].roistats)
-    assert "ROI statistics (sub-01_ses-1_roistats.tsv); χ in ppm, relative to brain." in text
+    assert "ROI statistics (sub-01_ses-1_roistats.tsv); χ in ppm; reference: brain." in text
     for row in rows:
         for column, value in zip(header, row):
             if column == "reference":

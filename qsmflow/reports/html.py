@@ -70,24 +70,27 @@ _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 def format_value(value, *, decimals: int = 4) -> str:
     """Text of a table cell: integers as integers, other numbers with ``decimals`` decimals.
 
-    Strings that are numbers (as read from a TSV) are formatted the same way; other strings
-    (``n/a``, names) are kept. ``None`` and NaN become ``n/a``.
+    Integers are Python/numpy integers and strings of digits (as read from a TSV); floats and
+    strings with a decimal point or exponent get ``decimals`` decimals, so a column keeps one
+    format (``1125.0`` next to ``640.6``). Other strings (``n/a``, names) are kept; ``None`` and
+    NaN become ``n/a``.
     """
     if value is None:
         return "n/a"
-    if isinstance(value, str):
-        if not _NUMBER.match(value.strip()):
-            return value
-        value = float(value)
     if isinstance(value, bool):
         return str(value)
-    if isinstance(value, (int,)) or (hasattr(value, "dtype") and getattr(value.dtype, "kind", "") in "iu"):
+    if isinstance(value, str):
+        text = value.strip()
+        if not _NUMBER.match(text):
+            return value
+        if not any(mark in text for mark in ".eE"):
+            return str(int(text))
+        value = float(text)
+    if isinstance(value, int) or (hasattr(value, "dtype") and getattr(value.dtype, "kind", "") in "iu"):
         return str(int(value))
     value = float(value)
     if math.isnan(value):
         return "n/a"
-    if value.is_integer() and abs(value) >= 1:
-        return str(int(value))
     return f"{value:.{decimals}f}"
 
 

@@ -196,7 +196,7 @@ def _scan_section(page: ReportPage, scan: ScanReportFiles, figure_dir: Path, *, 
         header, rows = read_tsv(scan.roistats)
         if "reference" in header:
             roi_references = sorted({row[header.index("reference")] for row in rows})
-            facts.append(("ROI values relative to", ", ".join(roi_references) or "n/a"))
+            facts.append(("ROI reference (roistats)", ", ".join(roi_references) or "n/a"))
     section.facts(facts)
     details = method_details(sidecar)
     if details:
@@ -242,7 +242,7 @@ def _scan_section(page: ReportPage, scan: ScanReportFiles, figure_dir: Path, *, 
 
     if scan.roistats:
         header = read_tsv(scan.roistats)[0]
-        relative = f", relative to {', '.join(roi_references)}" if roi_references else ""
+        relative = f"; reference: {', '.join(roi_references)}" if roi_references else ""
         # the reference is the same in every row: it goes into the caption, not a column
         section.table_from_tsv(scan.roistats, caption=f"ROI statistics ({prefix}_roistats.tsv); χ in ppm{relative}.",
                                columns=[c for c in header if c != "reference" or len(roi_references) > 1], decimals=_ROI_DECIMALS)
