@@ -537,13 +537,13 @@ def carry_labels(target, labels, transforms):
     return apply_transforms(target, labels, transforms, interpolator="genericLabel")
 
 
-def delineate_nuclei(chi, labels, nucleus_labels: dict, *, search_mm: float = 2.0, ring_mm: float = 4.0,
-                     min_contrast: float = 0.02):
+def delineate_nuclei(chi, labels, nucleus_labels: dict, *, voxel_size=(1.0, 1.0, 1.0), search_mm: float = 2.0,
+                     ring_mm: float = 4.0, min_contrast: float = 0.02):
     """Redraw paramagnetic deep grey nuclei from the susceptibility contrast within atlas priors.
 
     For each nucleus with prior P (the carried label), the threshold is halfway between its core
-    (P eroded by one voxel, median chi) and its surroundings (a ``ring_mm`` shell around P outside
-    every prior, median chi). The nucleus becomes the connected voxels above that threshold within
+    (P eroded by one voxel, median chi) and its surroundings (the ``ring_mm`` shell outside the
+    search region, outside every prior, median chi). The nucleus becomes the connected voxels above that threshold within
     P dilated by ``search_mm`` that touch P's core; voxels of other nuclei's priors are never
     taken. Where the contrast is below ``min_contrast`` ppm (e.g. the caudate of a young child)
     the prior is kept, and the returned report says so.
@@ -555,8 +555,10 @@ def delineate_nuclei(chi, labels, nucleus_labels: dict, *, search_mm: float = 2.
         Carried labels (all ROIs; nuclei are redrawn, other labels are kept where no nucleus is).
     nucleus_labels : dict
         Nucleus abbreviation -> list of label values (e.g. left and right).
+    voxel_size : sequence of 3 floats
+        Voxel size in mm.
     search_mm, ring_mm : float
-        Dilation of the prior searched, and width of the surrounding shell (mm, on the grid).
+        Dilation of the prior searched, and width of the surrounding shell (mm; at least one voxel).
     min_contrast : float
         Core minus surroundings (ppm) needed to redraw from contrast.
 
@@ -577,8 +579,9 @@ def delineate_nuclei(chi, labels, nucleus_labels: dict, *, search_mm: float = 2.
     any_prior = np.isin(labels, all_nucleus_values)
     structure = ndimage.generate_binary_structure(3, 1)
     report = {}
-    search_voxels = max(1, int(round(search_mm)))
-    ring_voxels = max(1, int(round(ring_mm)))
+    voxel = float(np.mean(voxel_size))
+    search_voxels = max(1, int(round(search_mm / voxel)))
+    ring_voxels = max(search_voxels + 1, int(round((search_mm + ring_mm) / voxel)))
     for name, values in nucleus_labels.items():
         for value in values:
             prior = labels == value
@@ -588,7 +591,8 @@ def delineate_nuclei(chi, labels, nucleus_labels: dict, *, search_mm: float = 2.
             if not core.any():
                 core = prior
             search = ndimage.binary_dilation(prior, structure, iterations=search_voxels)
-            ring = ndimage.binary_dilation(prior, structure, iterations=ring_voxels) & ~any_prior & (chi != 0)
+            ring = (ndimage.binary_dilation(prior, structure, iterations=ring_voxels) & ~search & ~any_prior
+                    & (chi != 0))
             if ring.sum() < 5:
                 report[int(value)] = {"nucleus": name, "method": "prior", "contrast": None, "threshold": None}
                 continue
@@ -656,7 +660,8 @@ def parcellate(atlas_hybrid, atlas_chi, atlas_mask, template, template_labels, n
     mask = atlas_mask.numpy() > 0.5
     carried_data = np.where(mask, carried.numpy(), 0).astype(np.int32)
     if delineate:
-        final, report = delineate_nuclei(atlas_chi.numpy(), carried_data, nucleus_labels, min_contrast=min_contrast)
+        final, report = delineate_nuclei(atlas_chi.numpy(), carried_data, nucleus_labels,
+                                         voxel_size=tuple(atlas_hybrid.spacing), min_contrast=min_contrast)
     else:
         final, report = carried_data, {}
     final = np.where(mask, final, 0)
@@ -692,3 +697,48 @@ def masked_correlation(a, b, mask) -> float:
     if x.size < 3 or x.std() == 0 or y.std() == 0:
         return float("nan")
     return float(np.corrcoef(x, y)[0, 1])
+
+
+def band_template_for_age(template_dir, age: float) -> dict:
+    """The files of the built atlas's cohort nearest ``age``, as a segmentation atlas.
+
+    Parameters
+    ----------
+    template_dir : path
+        ``OUTPUT_DIR/atlas/tpl-<name>`` of a built atlas (with ``template_description.json``).
+    age : float
+        The scan's age in years.
+
+    Returns
+    -------
+    dict with ``template`` (the cohort's magnitude template, ``_T2starw``), ``brain_mask``,
+    ``labels`` (``_dseg.nii.gz``), ``table`` (``_dseg.tsv``), ``name`` (``<name>cohort<k>``, for
+    ``space-`` entities) and ``cohort``: what :func:`qsmflow.segmentation.load_user_atlas` reads.
+
+    Raises
+    ------
+    FileNotFoundError
+        Naming the missing file when the directory is not a built atlas.
+    """
+    import json
+
+    template_dir = Path(template_dir)
+    description_path = template_dir / "template_description.json"
+    if not description_path.is_file():
+        raise FileNotFoundError(f"{description_path} does not exist: {template_dir} is not a built qsmflow atlas "
+                                "(run the atlas level first)")
+    description = json.loads(description_path.read_text())
+    name = template_dir.name.removeprefix("tpl-")
+    bands = [{"label": label, "age_min": entry["age"][0], "age_max": entry["age"][1], "mean_age": entry["mean_age"]}
+             for label, entry in description["cohort"].items()]
+    if not bands:
+        raise ValueError(f"{description_path}: no cohort")
+    cohort = nearest_band(float(age), bands)
+    resolution = next(iter(description["res"]))
+    stem = template_dir / f"cohort-{cohort}" / f"tpl-{name}_cohort-{cohort}_res-{resolution}"
+    files = {"template": Path(f"{stem}_T2starw.nii.gz"), "brain_mask": Path(f"{stem}_desc-brain_mask.nii.gz"),
+             "labels": Path(f"{stem}_dseg.nii.gz"), "table": Path(f"{stem}_dseg.tsv")}
+    for role, path in files.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist (the {role} of cohort {cohort} of {template_dir})")
+    return {**{k: str(v) for k, v in files.items()}, "name": f"{name}cohort{cohort}", "cohort": cohort}

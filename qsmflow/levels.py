@@ -71,6 +71,7 @@ def participant_level(bids_dir: Path, output_dir: Path, config: dict, participan
 LEVELS = {
     "participant": participant_level,
     "group": "qsmflow.workflows.group:group_level",
+    "atlas": "qsmflow.workflows.atlas:atlas_level",
 }
 
 

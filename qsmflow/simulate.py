@@ -1648,6 +1648,22 @@ def split_hemispheres(labels, affine) -> np.ndarray:
     return split
 
 
+def split_hemispheres(labels, affine) -> np.ndarray:
+    """The phantom's bilateral ROI labels as the default atlas' left/right values
+    (:func:`qsmflow.segmentation.label_index`), split at world x = 0 (RAS, left x < 0)."""
+    from .segmentation import label_index
+
+    labels = np.asarray(labels)
+    world_x = np.asarray(affine)[0, 0] * np.arange(labels.shape[0]) + np.asarray(affine)[0, 3]
+    left = (world_x < 0)[:, None, None]
+    split = np.zeros(labels.shape, dtype=np.int16)
+    for roi in ROI_LABELS:
+        where = labels == roi.index
+        split[where & left] = label_index(roi.abbreviation, "left")
+        split[where & ~left] = label_index(roi.abbreviation, "right")
+    return split
+
+
 def phantom_label_atlas(shape=DEFAULT_SHAPE, voxel_size=DEFAULT_VOXEL_SIZE, *, age_years: float = 40.0,
                         echo_time: float = DEFAULT_ECHO_TIMES[0], psf_voxels: float = 0.6):
     """The nominal phantom as a labelled template (a stand-in for the MNI atlas in simulations).
@@ -1661,7 +1677,7 @@ def phantom_label_atlas(shape=DEFAULT_SHAPE, voxel_size=DEFAULT_VOXEL_SIZE, *, a
     -------
     qsmflow.segmentation.Atlas
     """
-    from .segmentation import Atlas, default_table, label_index
+    from .segmentation import Atlas, default_table
 
     phantom = brain_phantom(shape, voxel_size, age_years=age_years, seed=0, anatomical_variation=False,
                             deep_grey_sd=0.0, white_matter_sd=0.0)
@@ -1669,13 +1685,7 @@ def phantom_label_atlas(shape=DEFAULT_SHAPE, voxel_size=DEFAULT_VOXEL_SIZE, *, a
     signal = np.where(phantom.brain_mask, phantom.m0 * np.exp(-phantom.r2star * np.float32(echo_time)), 0.0)
     if psf_voxels > 0:
         signal = ndimage.gaussian_filter(signal.astype(np.float32), psf_voxels)
-    world_x = affine[0, 0] * np.arange(shape[0]) + affine[0, 3]
-    left = (world_x < 0)[:, None, None]
-    labels = np.zeros(shape, dtype=np.int16)
-    for roi in ROI_LABELS:
-        where = phantom.labels == roi.index
-        labels[where & left] = label_index(roi.abbreviation, "left")
-        labels[where & ~left] = label_index(roi.abbreviation, "right")
+    labels = split_hemispheres(phantom.labels, affine)
     present = set(np.unique(labels).tolist())
     table = tuple(row for row in default_table() if row.index in present)
     return Atlas(template=signal.astype(np.float32), brain_mask=phantom.brain_mask.copy(), labels=labels,
@@ -1683,7 +1693,7 @@ def phantom_label_atlas(shape=DEFAULT_SHAPE, voxel_size=DEFAULT_VOXEL_SIZE, *, a
 
 
 def write_atlas_inputs(bids_dir, output_dir, subjects, *, shape=DEFAULT_SHAPE, voxel_size=DEFAULT_VOXEL_SIZE,
-                       **options) -> dict:
+                       overwrite: bool = False, **options) -> dict:
     """Participant-level outputs of a simulated atlas cohort, as the atlas level reads them.
 
     Writes ``bids_dir`` (dataset_description.json, participants.tsv with ages) and, in the
@@ -1695,14 +1705,15 @@ def write_atlas_inputs(bids_dir, output_dir, subjects, *, shape=DEFAULT_SHAPE, v
     Parameters
     ----------
     subjects : list of (label, age)
+    overwrite : bool
+        Rewrite a subject whose Chimap exists (default: leave its files, so that adding a subject
+        to a cohort changes no other subject's files).
     options : passed to :func:`simulate_atlas_subject`
 
     Returns
     -------
     dict label -> AtlasSubject
     """
-    from .segmentation import label_index
-
     bids_dir, output_dir = Path(bids_dir), Path(output_dir)
     bids_dir.mkdir(parents=True, exist_ok=True)
     _write_json(bids_dir / "dataset_description.json", {"Name": "qsmflow simulated atlas cohort",
@@ -1712,20 +1723,16 @@ def write_atlas_inputs(bids_dir, output_dir, subjects, *, shape=DEFAULT_SHAPE, v
     made = {}
     for label, age in subjects:
         subject = simulate_atlas_subject(label, age, shape=shape, voxel_size=voxel_size, **options)
+        made[label] = subject
         anat = output_dir / f"sub-{label}" / "anat"
         fmap = output_dir / f"sub-{label}" / "fmap"
+        if (anat / f"sub-{label}_Chimap.nii.gz").is_file() and not overwrite:
+            continue
         anat.mkdir(parents=True, exist_ok=True)
         fmap.mkdir(parents=True, exist_ok=True)
-        world_x = subject.affine[0, 0] * np.arange(shape[0]) + subject.affine[0, 3]
-        left = (world_x < 0)[:, None, None]
-        truth = np.zeros(subject.labels.shape, dtype=np.int16)
-        for roi in ROI_LABELS:
-            where = subject.labels == roi.index
-            truth[where & left] = label_index(roi.abbreviation, "left")
-            truth[where & ~left] = label_index(roi.abbreviation, "right")
+        truth = split_hemispheres(subject.labels, subject.affine)
         _save_nifti(anat / f"sub-{label}_Chimap.nii.gz", subject.chi, subject.affine)
         _save_nifti(anat / f"sub-{label}_desc-brain_mask.nii.gz", subject.brain_mask.astype(np.uint8), subject.affine)
         _save_nifti(anat / f"sub-{label}_desc-truth_dseg.nii.gz", truth, subject.affine)
         _save_nifti(fmap / f"sub-{label}_magnitude.nii.gz", subject.magnitude, subject.affine)
-        made[label] = subject
     return made

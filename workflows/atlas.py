@@ -362,7 +362,8 @@ def _connect_step_two_outputs(workflow, step_two, bands, band_outputs, labelled,
             sources.append((compose, "transform"))
     workflow.connect(step_two, "outputnode.sharpness", sharpness, f"in{len(bands) + 1}")
 
-    figures = node(AtlasFigures(band_labels=[b.label for b in bands], window=float(atlas["figures"]["window"])),
+    figures = node(AtlasFigures(band_labels=[f"cohort-{b.label}\n{b.low:g}-{b.high:g} y (n={len(b.scans)})" for b in bands],
+                                window=float(atlas["figures"]["window"])),
                    "figures")
     workflow.connect([(band_chis, figures, [("out", "band_chis")]),
                       (step_two, figures, [("outputnode.chi", "atlas_chi"), ("outputnode.brain_mask", "atlas_mask")]),
