@@ -442,7 +442,8 @@ def _json_default(value):
 #: templates (laid out as TemplateFlow), the HTML reports and their figures, and fMRIPrep-style
 #: transforms (``_xfm``, not yet in BIDS). Folders without a trailing slash: bids-validator-deno 2
 #: ignored ``sub-*/figures/``, ``group/`` and ``atlas/`` written so (tests/test_reports.py).
-BIDS_IGNORED = ("group", "atlas", "sub-*.html", "sub-*/figures", "*_xfm.*", "logs")
+BIDS_IGNORED = ("group", "atlas", "sub-*.html", "sub-*/figures", "*_xfm.*", "logs",
+                "*_roistats.tsv")  # per-scan ROI tables (segmentation), not a BIDS suffix
 
 
 def write_dataset_description(output_dir, bids_dir=None) -> Path:

@@ -550,7 +550,7 @@ def roi_statistics(chi, labels, table, *, voxel_size, mask=None, erosion_mm: flo
     erosion_mm : float
         Erode each ROI by this much first (:func:`erode_labels`).
     reference : str
-        Name of the reference region chi is relative to, copied into every row.
+        The ``reference.method`` chi is relative to (e.g. ``csf``), copied into every row.
 
     Returns
     -------

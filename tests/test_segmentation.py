@@ -188,3 +188,109 @@ def test_default_atlas_has_every_roi_on_both_sides(default_atlas):
     for row in default_atlas.table:
         where = x[np.broadcast_to(default_atlas.labels == row.index, x.shape)]
         assert (where < 0).all() if row.hemisphere == "left" else (where > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the workflow end to end: outputs, caching, reruns
+
+def _qsmflow(*arguments):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "qsmflow.cli", *map(str, arguments)], capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_segmentation_workflow_outputs_cache_and_reruns(tmp_path):
+    from qsmflow import simulate
+
+    bids = simulate.write_bids_dataset(tmp_path / "bids", [("01", 50.0)], shape=(44, 52, 44), voxel_size=(4.0, 4.0, 4.0))
+    settings = ["--set", "segmentation.enabled=true", "--set", "reference.method=csf", "--nprocs", "2"]
+    first = _qsmflow(bids, tmp_path / "out", "participant", "--work-dir", tmp_path / "work", *settings)
+    assert first.returncode == 0, first.stderr
+    anat = tmp_path / "out" / "sub-01" / "anat"
+    names = {"dseg": "sub-01_dseg.nii.gz", "table": "sub-01_dseg.tsv", "roistats": "sub-01_roistats.tsv",
+             "template_chimap": "sub-01_space-MNI152NLin2009aSym_Chimap.nii.gz",
+             "forward": "sub-01_from-MNI152NLin2009aSym_to-scanner_mode-image_xfm.h5",
+             "inverse": "sub-01_from-scanner_to-MNI152NLin2009aSym_mode-image_xfm.h5"}
+    for name in names.values():
+        assert (anat / name).is_file(), name
+    from conftest import bids_validator_errors
+
+    assert bids_validator_errors(tmp_path / "out") == []
+    chimap = nib.load(anat / "sub-01_Chimap.nii.gz")
+    dseg = nib.load(anat / names["dseg"])
+    assert dseg.shape == chimap.shape and np.allclose(dseg.affine, chimap.affine)
+    table = segmentation.read_table(anat / names["table"])
+    assert set(np.unique(np.asarray(dseg.dataobj))) <= {0} | {r.index for r in table}
+    import json
+
+    sidecar = json.loads((anat / "sub-01_Chimap.json").read_text())
+    assert segmentation.REFERENCE_METHODS["csf"] in json.dumps(sidecar)
+    with open(anat / names["roistats"]) as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    assert len(rows) == len(table)
+    assert {row["reference"] for row in rows} == {"csf"}
+    # Mean CSF susceptibility after referencing to the eroded ventricles is small.
+    ventricles = [row for row in rows if row["roi"].startswith("LV") and row["mean"] != "n/a"]
+    assert ventricles and all(abs(float(row["mean"])) < 0.02 for row in ventricles)
+
+    # Only the statistics (and the writers) run again when only a statistics option changes.
+    work = tmp_path / "work"
+    before = {p.parent.name: p.stat().st_mtime_ns for p in work.rglob("result_*.pklz")}
+    content = {key: (anat / name).read_bytes() for key, name in names.items()}
+    second = _qsmflow(bids, tmp_path / "out", "participant", "--work-dir", work, *settings,
+                      "--set", "roistats.erosion_mm=4.0")
+    assert second.returncode == 0, second.stderr
+    after = {p.parent.name: p.stat().st_mtime_ns for p in work.rglob("result_*.pklz")}
+    rerun = {name for name in after if after[name] != before.get(name)}
+    assert "roi_statistics" in rerun
+    assert not rerun & {"register_template", "atlas", "subject_labels", "reference_chi", "invert_dipole",
+                        "chimap_to_template"}, rerun
+    assert (anat / names["roistats"]).read_bytes() != content["roistats"]
+    assert (anat / names["dseg"]).read_bytes() == content["dseg"]
+
+    # A run from scratch (new work directory) gives byte-identical labels, table and template map.
+    third = _qsmflow(bids, tmp_path / "out2", "participant", "--work-dir", tmp_path / "work2", *settings)
+    assert third.returncode == 0, third.stderr
+    again = tmp_path / "out2" / "sub-01" / "anat"
+    for key in ("dseg", "table", "roistats", "template_chimap"):
+        assert (again / names[key]).read_bytes() == content[key], key
+
+
+def test_t1w_is_rigidly_aligned_to_the_magnitude(tmp_path):
+    """A T1w-like image (other contrast, grid and position) comes out on the magnitude's grid, aligned."""
+    from scipy import ndimage
+
+    from qsmflow.interfaces.segmentation import RegisterT1wToMagnitude
+
+    shape, voxel = (36, 40, 34), 3.0
+    axes = [(np.arange(n) - (n - 1) / 2) * voxel for n in shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+
+    def head(shift):
+        sx, sy, sz = shift
+        brain = ((x - sx) / 45) ** 2 + ((y - sy) / 52) ** 2 + ((z - sz) / 40) ** 2 <= 1
+        nucleus = ((x - sx - 15) / 10) ** 2 + ((y - sy - 8) / 14) ** 2 + ((z - sz) / 10) ** 2 <= 1
+        ventricle = ((x - sx + 12) / 8) ** 2 + ((y - sy) / 18) ** 2 + ((z - sz - 8) / 6) ** 2 <= 1
+        return brain, nucleus, ventricle
+
+    affine = np.diag([voxel, voxel, voxel, 1.0])
+    affine[:3, 3] = [-(n - 1) / 2 * voxel for n in shape]
+    brain, nucleus, ventricle = head((0, 0, 0))
+    magnitude = ndimage.gaussian_filter(0.7 * brain + 0.2 * nucleus + 0.3 * ventricle, 0.8).astype(np.float32)
+    t_brain, t_nucleus, t_ventricle = head((9.0, -7.0, 5.0))  # T1w: head shifted, contrast inverted for CSF
+    t1w = ndimage.gaussian_filter(0.6 * t_brain + 0.3 * t_nucleus - 0.5 * t_ventricle, 0.8).astype(np.float32)
+    nib.save(nib.Nifti1Image(magnitude, affine), tmp_path / "mag.nii.gz")
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), tmp_path / "mask.nii.gz")
+    nib.save(nib.Nifti1Image(t1w, affine), tmp_path / "t1w.nii.gz")
+    result = RegisterT1wToMagnitude(t1w=str(tmp_path / "t1w.nii.gz"), magnitude=str(tmp_path / "mag.nii.gz"),
+                                    brain_mask=str(tmp_path / "mask.nii.gz")).run(cwd=str(tmp_path))
+    aligned = nib.load(result.outputs.t1w)
+    assert aligned.shape == shape and np.allclose(aligned.affine, affine)
+    data = aligned.get_fdata()
+    # The nucleus of the aligned T1w sits where the magnitude's is.
+    inside = data[nucleus].mean() - data[brain & ~nucleus & ~ventricle].mean()
+    before = t1w[nucleus].mean() - t1w[brain & ~nucleus & ~ventricle].mean()
+    assert inside > 0.25 and inside > before + 0.05, (inside, before)
+    assert result.outputs.transform.endswith(".h5")

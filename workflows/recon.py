@@ -70,6 +70,10 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
         R2* map (1/s); undefined for a single echo or when disabled.
     chimap
         Path of the written ``_Chimap.nii.gz`` derivative.
+    dseg, dseg_tsv, roistats, template, chimap_template, forward_transform, inverse_transform
+        With ``segmentation.enabled``: the outputs of
+        :func:`qsmflow.workflows.segmentation.init_segmentation_wf` (nested as
+        ``segmentation_wf``, which also references chi: a CSF reference needs the labels).
 
     The workflow is declared as the scan's unit of work (:mod:`qsmflow.workunits`), done when
     its Chimap is written.

@@ -133,7 +133,7 @@ def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_fil
                                           "Sources": [source_file]}},
         {"entities": {**scan, "space": template_name}, "suffix": "Chimap", "metadata": {
             "Units": "ppm", "Description": "Chimap resampled into template space (linear), 0 outside the QSM mask",
-            "Sources": [source_file]}},
+            "SkullStripped": True, "Sources": [source_file]}},
         {"entities": scan, "suffix": "roistats", "extension": ".tsv"},
     ]
     assert [str(derivative_path(".", s["entities"], s["suffix"], extension=s.get("extension", ".nii.gz")))
@@ -185,4 +185,4 @@ def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_fil
 
 
 def _reference_name(provenance: dict) -> str:
-    return provenance["Reference"]
+    return provenance["ReferenceMethod"]
