@@ -394,6 +394,9 @@ def run_demo(output_dir: Path, *, subjects: int, config: dict, work_dir: Path | 
     table = demo_accuracy_table(bids_dir, derivatives)
     (output_dir / "demo_accuracy.tsv").write_text(table)
     print(table, end="")
+    pages = sorted(derivatives.glob("sub-*.html"))
+    if pages:
+        print(f"participant reports: {len(pages)} ({pages[0]} ...)")
     return _demo_group(bids_dir, derivatives, output_dir, code, config=config, work_dir=work_dir or output_dir / "work",
                        debug=debug, progress=progress)
 

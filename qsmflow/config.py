@@ -204,6 +204,10 @@ RULES: dict[str, dict] = {
     "atlas.parcellation.table": nullable(string()),
     "atlas.parcellation.min_contrast": number(0),
     "atlas.figures.window": positive(),
+    # report
+    "report.orientation": choice("radiological", "neurological"),
+    "report.chi_window": positive(),
+    "report.figure_format": choice("png", "svg"),
     # execution
     "execution.nprocs": nullable(whole(1)),
     "execution.mem_gb": nullable(positive()),

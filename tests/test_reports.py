@@ -288,19 +288,20 @@ def test_subject_reports_join_every_scan_of_each_subject_in_the_participant_work
     from qsmflow.bids import collect_scans
     from qsmflow.config import load_config
     from qsmflow.workflows.base import init_participant_wf, subject_workflow_name
-    from qsmflow.workflows.reports import add_subject_reports
     from qsmflow.workunits import collect_units
 
-    bids = simulate.write_bids_dataset(tmp_path / "bids", [{"label": "01", "age": 30, "sessions": ["1", "2"]}, {"label": "02", "age": 60, "sessions": ["1"]}],
+    bids = simulate.write_bids_dataset(tmp_path / "bids", [{"label": "01", "age": 30, "sessions": ["1", "2"]},
+                                                           {"label": "02", "age": 60, "sessions": ["1"]}],
                                        shape=(24, 28, 24), voxel_size=(6.0, 6.0, 6.0), echo_times=(0.004, 0.012))
     scans, errors = collect_scans(bids)
     assert not errors and len(scans) == 3
-    config = load_config(None)
-    workflow = init_participant_wf(scans, config, tmp_path / "out")
-    subjects = {label: workflow.get_node(subject_workflow_name(label)) for label in ("01", "02")}
-    scan_wfs = {id(s): subjects[s.subject].get_node(f"{s.node_name}_{s.suffix}_wf") for s in scans}
-    reports = add_subject_reports(subjects, scans, scan_wfs, config, tmp_path / "out")
 
+    def subject_graph(config):
+        workflow = init_participant_wf(scans, config, tmp_path / "out")
+        subjects = {label: workflow.get_node(subject_workflow_name(label)) for label in ("01", "02")}
+        return workflow, subjects, {label: wf.get_node("subject_report_wf") for label, wf in subjects.items()}
+
+    workflow, subjects, reports = subject_graph(load_config(None))
     assert reports["01"].get_node("subject_report").inputs.scan_names == ["sub-01_ses-1_MEGRE", "sub-01_ses-2_MEGRE"]
     assert "execution" not in reports["01"].get_node("subject_report").inputs.config
     joined = {edge[0].name for edge in subjects["01"]._graph.in_edges(reports["01"])}
@@ -311,15 +312,14 @@ def test_subject_reports_join_every_scan_of_each_subject_in_the_participant_work
     assert any(node.endswith("subject_report_wf.subject_report") for node in units["sub-01"].nodes)
 
     # with segmentation the scan workflows' outputnodes also give labels, table, ROI values, template
-    segmented = load_config(None, ["segmentation.enabled=true"])
-    workflow = init_participant_wf(scans, segmented, tmp_path / "out")
-    subjects = {label: workflow.get_node(subject_workflow_name(label)) for label in ("01", "02")}
-    scan_wfs = {id(s): subjects[s.subject].get_node(f"{s.node_name}_{s.suffix}_wf") for s in scans}
-    report_wf = add_subject_reports(subjects, scans, scan_wfs, segmented, tmp_path / "out")["02"]
-    fields = {(source.split(".")[-1], target.split(".")[-1]) for edge in subjects["02"]._graph.in_edges(report_wf, data=True)
+    _, subjects, reports = subject_graph(load_config(None, ["segmentation.enabled=true"]))
+    fields = {(source.split(".")[-1], target.split(".")[-1]) for edge in subjects["02"]._graph.in_edges(reports["02"], data=True)
               for source, target in edge[2]["connect"]}
     assert {("dseg", "dseg_0"), ("dseg_tsv", "dseg_tsv_0"), ("roistats", "roistats_0"), ("template", "template_0"),
             ("chimap", "chimap_0")} <= fields
+
+    _, _, reports = subject_graph(load_config(None, ["report.enabled=false"]))
+    assert reports == {"01": None, "02": None}
 
 
 def test_report_files_pass_the_bids_validator(tmp_path):

@@ -262,7 +262,7 @@ def test_resume_after_sigkill(cohort, tmp_path):
 
     out, work = tmp_path / "out", tmp_path / "work"
     command = [sys.executable, "-m", "qsmflow.cli", str(bids), str(out), "participant", "--work-dir", str(work),
-               "--nprocs", "2", *SLOW_INVERSION]
+               "--nprocs", "2", *SLOW_INVERSION, *NO_REPORT]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = []
     deadline = time.monotonic() + 120

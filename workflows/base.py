@@ -34,7 +34,8 @@ def init_participant_wf(scans, config: dict, output_dir, *, name: str = "qsmflow
     -------
     nipype Workflow named ``name`` containing ``sub_<label>_wf`` workflows (a subject's unit of
     work, for steps that join its scans), each with one ``<scan>_wf`` per scan (a scan's unit; see
-    :func:`qsmflow.workflows.recon.init_scan_qsm_wf`).
+    :func:`qsmflow.workflows.recon.init_scan_qsm_wf`) and, with ``report.enabled``, the subject's report
+    (:func:`qsmflow.workflows.reports.add_subject_reports`).
     """
     workflow = pe.Workflow(name=name)
     subjects: dict[str, pe.Workflow] = {}
