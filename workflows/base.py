@@ -11,6 +11,7 @@ from qsmflow.workunits import declare_unit
 
 from .cosmos import connect_orientation_set, init_cosmos_wf
 from .recon import init_scan_qsm_wf
+from .reports import add_subject_reports
 
 
 def subject_workflow_name(subject: str) -> str:
@@ -58,5 +59,7 @@ def init_participant_wf(scans, config: dict, output_dir, *, name: str = "qsmflow
             cosmos_wf = init_cosmos_wf(members, config, output_dir, shape=shape,
                                        name=f"{members[0].node_name}_{members[0].suffix}_cosmos_wf")
             connect_orientation_set(subjects[members[0].subject], cosmos_wf, [scan_wfs[id(s)] for s in members])
+    if config["report"]["enabled"]:
+        add_subject_reports(subjects, scans, scan_wfs, config, output_dir)  # sub-<label>.html, in the subject's unit
     workflow.add_nodes(list(subjects.values()))
     return workflow
