@@ -81,7 +81,8 @@ def init_cosmos_wf(members, config: dict, output_dir, *, shape, name: str = "cos
         subject=reference_scan.subject, outputs=[str(chimap_path)],
     )
     volume_gb = float(np.prod(shape)) * 4 / 1024**3
-    inputnode = pe.Node(niu.IdentityInterface(fields=[f for i in range(len(members)) for f in orientation_fields(i)]),
+    inputnode = pe.Node(niu.IdentityInterface(fields=[f for i in range(len(members)) for f in orientation_fields(i)]
+                                              + ["reference_brain_mask", "reference_dseg", "reference_dseg_tsv"]),
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["chi", "qsm_mask", "rotations", "b0_directions", "chimap"]),
                          name="outputnode")
@@ -130,6 +131,9 @@ def init_cosmos_wf(members, config: dict, output_dir, *, shape, name: str = "cos
         (merged["masks"], solve, [("out", "aligned_masks")]),
         (merged["directions"], solve, [("out", "b0_directions")]),
         (solve, reference, [("chi", "chi"), ("mask", "mask")]),
+        # the reference orientation's brain mask and labels share the COSMOS grid (brain/csf references)
+        (inputnode, reference, [("reference_brain_mask", "brain_mask"), ("reference_dseg", "labels"),
+                                ("reference_dseg_tsv", "table")]),
         (merged["rotations"], metadata, [("out", "rotations")]),
         (merged["registrations"], metadata, [("out", "registrations")]),
         (solve, metadata, [("b0_directions", "b0_directions"), ("provenance", "solver")]),
@@ -158,3 +162,8 @@ def connect_orientation_set(parent, cosmos_wf, scan_workflows) -> None:
             ("outputnode.qsm_mask", f"inputnode.{mask}"),
             ("outputnode.local_field", f"inputnode.{field}"),
         ])])
+    parent.connect([(scan_workflows[0], cosmos_wf, [
+        ("outputnode.brain_mask", "inputnode.reference_brain_mask"),
+        ("outputnode.dseg", "inputnode.reference_dseg"),
+        ("outputnode.dseg_tsv", "inputnode.reference_dseg_tsv"),
+    ])])
