@@ -112,6 +112,8 @@ def init_cosmos_wf(members, config: dict, output_dir, *, shape, name: str = "cos
                     name="solve_cosmos", n_procs=1, mem_gb=round(max(0.5, (6 * len(members) + 20) * volume_gb), 2))
     reference = pe.Node(ReferenceSusceptibility(method=config["reference"]["method"]), name="reference_chi",
                         mem_gb=round(max(0.25, 4 * volume_gb), 2))
+    if config["reference"].get("erosion_mm") is not None:
+        reference.inputs.erosion_mm = float(config["reference"]["erosion_mm"])
 
     def bids_uri(scan):
         root = Path(scan.magnitude_files[0]).parents[3 if scan.entities.get("session") else 2]
