@@ -167,6 +167,13 @@ RULES: dict[str, dict] = {
     "segmentation.registration.n_procs": whole(1, 64),
     "segmentation.refine": list_of(choice("RN", "SN", "DN"), min_items=0),
     "roistats.erosion_mm": number(0, 10),
+    # COSMOS (multi-orientation)
+    "cosmos.group_by": choice("run", "acq", "files"),
+    "cosmos.files": list_of(list_of(string()), min_items=0),
+    "cosmos.threshold": number(0, 4 / 9, exclusive_minimum=True),
+    "cosmos.iterations": whole(0),
+    "cosmos.weighting": choice("none", "noise"),
+    "cosmos.interpolation": choice("bSpline", "linear", "lanczosWindowedSinc"),
     # group level
     "group.value": choice("mean", "median"),
     "group.age_column": string(),
