@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,7 @@ TRANSFORM_STAGES = {"rigid": ("rigid",), "affine": ("rigid", "affine"), "syn": (
 #: ``nearestNeighbor``, never a linear one.
 INTERPOLATIONS = ("linear", "bSpline", "lanczosWindowedSinc", "nearestNeighbor", "genericLabel")
 LABEL_INTERPOLATIONS = ("nearestNeighbor", "genericLabel")
-METRICS = ("mattes", "mi", "cc", "meansquares")
+METRICS = ("mattes", "mi", "cc", "meansquares", "cc+mattes")
 DEFAULT_SEED = 20240601
 
 
@@ -66,9 +65,10 @@ class Stage:
 
     Attributes
     ----------
-    metric : {"mattes", "mi", "cc", "meansquares"}
+    metric : {"mattes", "mi", "cc", "meansquares", "cc+mattes"}
         Similarity metric. Mattes mutual information works across contrasts (template T1w to a
-        GRE magnitude); cross-correlation (``cc``) only for similar contrasts.
+        GRE magnitude); neighbourhood cross-correlation (``cc``, squared, so locally invariant to
+        a contrast's sign) follows local detail; ``cc+mattes`` weighs both equally.
     metric_parameter : int
         Histogram bins (``mattes``/``mi``) or neighbourhood radius in voxels (``cc``).
     sampling_rate : float
@@ -223,20 +223,25 @@ def _stage_arguments(name: str, stage: Stage, fixed: str, moving: str) -> list[s
         raise ValueError(f"{name} stage: shrink factors must be >= 1, got {stage.shrink_factors}")
     if not 0 < stage.sampling_rate <= 1:
         raise ValueError(f"{name} stage: sampling_rate must be in (0, 1], got {stage.sampling_rate}")
+    sampling = "Regular" if stage.sampling_rate < 1 else "None"
     if stage.metric in ("mattes", "mi"):
-        sampling = "Regular" if stage.sampling_rate < 1 else "None"
         metric = {"mattes": "Mattes", "mi": "MI"}[stage.metric]
-        metric_text = f"{metric}[{fixed},{moving},1,{int(stage.metric_parameter)},{sampling},{stage.sampling_rate:g}]"
+        metrics = [f"{metric}[{fixed},{moving},1,{int(stage.metric_parameter)},{sampling},{stage.sampling_rate:g}]"]
     elif stage.metric == "cc":
-        metric_text = f"CC[{fixed},{moving},1,{int(stage.metric_parameter)}]"
+        metrics = [f"CC[{fixed},{moving},1,{int(stage.metric_parameter)}]"]
+    elif stage.metric == "cc+mattes":
+        # Both, weighted equally: CC (radius metric_parameter) for local detail, Mattes MI
+        # (32 bins) for the global intensity relation across contrasts.
+        metrics = [f"CC[{fixed},{moving},0.5,{int(stage.metric_parameter)}]",
+                   f"Mattes[{fixed},{moving},0.5,32,{sampling},{stage.sampling_rate:g}]"]
     else:
-        metric_text = f"MeanSquares[{fixed},{moving},1,0]"
+        metrics = [f"MeanSquares[{fixed},{moving},1,0]"]
     if name == "syn":
         transform = f"SyN[{stage.gradient_step:g},{stage.update_sigma:g},{stage.total_sigma:g}]"
     else:
         transform = f"{name.capitalize()}[{stage.gradient_step:g}]"
     return [
-        "--metric", metric_text,
+        *[part for text in metrics for part in ("--metric", text)],
         "--transform", transform,
         "--convergence", "[{},{:g},{}]".format("x".join(str(int(i)) for i in stage.iterations),
                                                 stage.convergence_threshold, int(stage.convergence_window)),
@@ -409,13 +414,6 @@ def apply_transform(reference, image, transforms, *, interpolation: str = "linea
     if interpolation in LABEL_INTERPOLATIONS:
         result = result.new_image_like(np.round(result.numpy()))
     return result
-
-
-def keep_transforms(result: Registration, forward_path, inverse_path) -> tuple[str, str]:
-    """Copy the transform files of ``result`` to the given paths (e.g. derivative names)."""
-    shutil.copyfile(result.forward[0], forward_path)
-    shutil.copyfile(result.inverse[0], inverse_path)
-    return str(forward_path), str(inverse_path)
 
 
 def linear_transform_matrix(transform_file) -> np.ndarray:
