@@ -379,9 +379,11 @@ class AtlasFigures(SimpleInterface):
         mask, affine = to_array(_read(self.inputs.atlas_mask))
         dseg, _ = to_array(_read(self.inputs.atlas_dseg))
         chi, _ = to_array(_read(self.inputs.atlas_chi))
+        names = {int(k): v for k, v in self.inputs.label_names.items()}
+        basal_ganglia = [value for value, name in names.items() if name.split("_")[0] in ("CN", "PU", "GP")]
         self._results["montage"] = str(plot_band_montage(
-            Path("montage.png").resolve(), [c for c, _ in chis], affine, list(self.inputs.band_labels), dseg=dseg,
-            mask=mask, window=self.inputs.window))
+            Path("montage.png").resolve(), [c for c, _ in chis], affine, list(self.inputs.band_labels),
+            dseg=np.where(np.isin(np.rint(dseg), basal_ganglia), dseg, 0), mask=mask, window=self.inputs.window))
         self._results["parcellation"] = str(plot_parcellation(
             Path("parcellation.png").resolve(), chi, dseg, affine,
             {int(k): v for k, v in self.inputs.label_names.items()}, mask=mask, window=self.inputs.window))
