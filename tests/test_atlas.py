@@ -174,3 +174,41 @@ def test_roi_susceptibility_and_masked_correlation():
     assert rows[0]["mean"] == pytest.approx(0.5) and rows[1]["mean"] == pytest.approx(2.5)
     assert rows[2]["voxels"] == 0 and np.isnan(rows[2]["mean"])
     assert atlas.masked_correlation(chi, 2 * chi + 1, np.ones(chi.shape)) == pytest.approx(1.0)
+
+
+def _fake_built_atlas(root):
+    import json
+
+    folder = root / "tpl-Test"
+    description = {"res": {"2": {"zooms": [2, 2, 2]}}, "cohort": {
+        "1": {"age": [0, 12], "mean_age": 5.0, "scans": ["sub-01"]},
+        "2": {"age": [60, 100], "mean_age": 75.0, "scans": ["sub-02"]}}}
+    for cohort in ("1", "2"):
+        (folder / f"cohort-{cohort}").mkdir(parents=True)
+        for suffix in ("T2starw.nii.gz", "desc-brain_mask.nii.gz", "dseg.nii.gz", "dseg.tsv"):
+            (folder / f"cohort-{cohort}" / f"tpl-Test_cohort-{cohort}_res-2_{suffix}").write_bytes(b"")
+    (folder / "template_description.json").write_text(json.dumps(description))
+    return folder
+
+
+def test_band_template_for_age_picks_the_cohort_of_the_age(tmp_path):
+    folder = _fake_built_atlas(tmp_path)
+    child = atlas.band_template_for_age(folder, 4.0)
+    assert child["cohort"] == "1" and child["template"].endswith("cohort-1/tpl-Test_cohort-1_res-2_T2starw.nii.gz")
+    assert child["name"] == "Testcohort1"
+    assert atlas.band_template_for_age(folder, 50.0)["cohort"] == "2"  # between bands: nearest mean age
+    with pytest.raises(FileNotFoundError, match="not a built qsmflow atlas"):
+        atlas.band_template_for_age(tmp_path, 4.0)
+
+
+def test_segmentation_uses_the_built_atlas_cohort_nearest_the_age(tmp_path):
+    from qsmflow.config import load_config
+    from qsmflow.workflows.segmentation import init_segmentation_wf
+
+    folder = _fake_built_atlas(tmp_path)
+    config = load_config(overrides=[f"segmentation.atlas.built={folder}"])
+    workflow = init_segmentation_wf(config, tmp_path / "out", entities={"subject": "01"}, source_file="x.nii.gz",
+                                    age=80.0)
+    assert workflow.get_node("atlas").inputs.template.endswith("tpl-Test_cohort-2_res-2_T2starw.nii.gz")
+    with pytest.raises(ValueError, match="has no age"):
+        init_segmentation_wf(config, tmp_path / "out", entities={"subject": "01"}, source_file="x.nii.gz")

@@ -152,9 +152,18 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
             background.inputs.b0_direction = [float(v) for v in b0_direction]
     if segment:
         # The reference may need the atlas labels (csf): it happens inside the segmentation.
+        age = None
+        if config["segmentation"]["atlas"].get("built"):
+            from pathlib import Path
+
+            from qsmflow.workflows.atlas import scan_ages
+
+            bids_root = Path(scan.magnitude_files[0]).parents[3 if scan.entities.get("session") else 2]
+            ages, _ = scan_ages(bids_root, {"scan": {"subject": scan.subject, "session": scan.entities.get("session")}})
+            age = ages.get("scan")
         reference = init_segmentation_wf(
             config, output_dir, entities=entities, source_file=scan.magnitude_files[0],
-            with_t1w=bool(config["segmentation"]["use_t1w"] and scan.t1w_file), name="segmentation_wf")
+            with_t1w=bool(config["segmentation"]["use_t1w"] and scan.t1w_file), age=age, name="segmentation_wf")
         if config["segmentation"]["use_t1w"] and scan.t1w_file:
             reference.get_node("inputnode").inputs.t1w = scan.t1w_file
         reference_in, reference_out = "inputnode.", "outputnode."

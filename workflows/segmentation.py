@@ -38,7 +38,7 @@ def segmentation_outputs(entities: dict, template_name: str) -> dict:
 
 
 def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_file: str, with_t1w: bool = False,
-                         name: str = "segmentation_wf"):
+                         age: float | None = None, name: str = "segmentation_wf"):
     """Segment one scan: register the atlas template to it, carry the labels, reference the
     susceptibility map, and measure every ROI.
 
@@ -91,13 +91,27 @@ def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_fil
     registration = segmentation["registration"]
     atlas_config = segmentation["atlas"]
     template_name = atlas_config["name"] if atlas_config["template"] else "MNI152NLin2009aSym"
+    built = atlas_config.get("built")
+    if built:  # age-matched: the built atlas' cohort nearest the scan's age (qsmflow.atlas)
+        from qsmflow.atlas import band_template_for_age
+
+        if age is None:
+            raise ValueError(f"segmentation.atlas.built: sub-{entities.get('subject')} has no age in participants.tsv "
+                             "or sessions.tsv; an age-matched atlas needs each scan's age")
+        cohort_files = band_template_for_age(built, age)
+        template_name = cohort_files["name"]
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["chi", "magnitude", "brain_mask", "qsm_mask", "t1w"]),
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=list(OUTPUT_FIELDS)), name="outputnode")
 
     atlas = pe.Node(Atlas(), name="atlas", mem_gb=2.0, n_procs=1)
-    if atlas_config["template"]:
+    if built:
+        atlas.inputs.template = cohort_files["template"]
+        atlas.inputs.labels = cohort_files["labels"]
+        atlas.inputs.table = cohort_files["table"]
+        atlas.inputs.name = cohort_files["name"]
+    elif atlas_config["template"]:
         atlas.inputs.template = atlas_config["template"]
         atlas.inputs.labels = atlas_config["labels"]
         atlas.inputs.table = atlas_config["table"]
