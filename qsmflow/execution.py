@@ -22,6 +22,18 @@ class Failure:
     node_path: str = ""  # the node's dotted name as nipype gives it (top workflow first)
 
 
+def _execution_settings(crash_dir: Path) -> dict:
+    return {
+        "hash_method": "content",
+        "crashdump_dir": str(crash_dir),
+        "crashfile_format": "txt",
+        "remove_unnecessary_outputs": False,
+        "stop_on_first_crash": False,
+        "parameterize_dirs": False,
+        "create_report": False,
+    }
+
+
 def configure_nipype(work_dir: Path, crash_dir: Path, *, debug: bool = False) -> None:
     """Global nipype settings: content hashing, text crash files, quiet logs."""
     from nipype import config as nipype_config
@@ -29,15 +41,7 @@ def configure_nipype(work_dir: Path, crash_dir: Path, *, debug: bool = False) ->
 
     os.environ.setdefault("LOGNAME", os.environ.get("USER") or "qsmflow")
     nipype_config.update_config({
-        "execution": {
-            "hash_method": "content",
-            "crashdump_dir": str(crash_dir),
-            "crashfile_format": "txt",
-            "remove_unnecessary_outputs": False,
-            "stop_on_first_crash": False,
-            "parameterize_dirs": False,
-            "create_report": False,
-        },
+        "execution": _execution_settings(crash_dir),
         "logging": {"workflow_level": "INFO" if debug else "WARNING", "interface_level": "WARNING", "utils_level": "WARNING"},
         "monitoring": {"enabled": False},
     })
@@ -106,7 +110,7 @@ def run_workflow(workflow, work_dir, *, plugin: str = "MultiProc", plugin_args: 
     crash_dir = work_dir / "crashes" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     configure_nipype(work_dir, crash_dir, debug=debug)
     workflow.base_dir = str(work_dir)
-    workflow.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt", **loop_settings})
+    _apply_execution_settings(workflow, {**_execution_settings(crash_dir), **loop_settings})
     try:
         if plugin in CLUSTER_PLUGINS:  # each job sizes its threads from its allocation (cluster.py)
             workflow.run(plugin=make_plugin(plugin, plugin_args))
@@ -122,6 +126,20 @@ def run_workflow(workflow, work_dir, *, plugin: str = "MultiProc", plugin_args: 
             raise RuntimeError(f"the workflow failed without a crash file: {error}") from None
         return failures
     return []
+
+
+def _apply_execution_settings(workflow, settings: dict) -> None:
+    """Put ``settings`` into the ``execution`` configuration of ``workflow`` and of every workflow
+    and node inside it. nipype copies its global configuration into each node when the node is
+    made and lets that copy win when the workflow runs, so nodes built before
+    :func:`configure_nipype` would otherwise keep nipype's defaults (e.g. timestamp hashing)."""
+    stack = [workflow]
+    while stack:
+        element = stack.pop()
+        if element.config is not None:  # a node without its own configuration takes the workflow's
+            element.config.setdefault("execution", {}).update(settings)
+        if hasattr(element, "_graph"):
+            stack.extend(element._graph.nodes())
 
 
 def _resilient_multiproc_plugin():
