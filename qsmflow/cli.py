@@ -304,8 +304,9 @@ def run_level(level: str, bids_dir: Path, output_dir: Path, *, participant_label
     except OSError as error:
         raise UsageError(f"{error.filename or output_dir}: cannot write ({error.strerror or error})") from None
     counted = plan.counted
-    LOGGER.info("%d %s(s) of %d participant(s); preset %s; work directory %s", len(counted), noun,
-                len({u.subject for u in plan.units if u.subject}), config["preset"], work_dir)
+    participants = len({u.subject for u in plan.units if u.subject})
+    LOGGER.info("%d %s(s)%s; preset %s; work directory %s", len(counted), noun,
+                f" of {participants} participant(s)" if participants else "", config["preset"], work_dir)
     removed = _remove_stale_temporaries(output_dir, plan.units)
     if removed:
         LOGGER.info("removed %d temporary file(s) left by an interrupted run", removed)
