@@ -360,3 +360,28 @@ def test_sessions_are_written_with_their_own_folders(tmp_path):
     with pytest.raises(ValueError):
         simulate.write_bids_dataset(tmp_path / "other", [("01", 20), ("01", 30)], shape=(40, 48, 40),
                                     voxel_size=(5.0, 5.0, 5.0))
+
+
+def test_supersampled_acquisition_dephases_next_to_air_and_keeps_full_strength_sources():
+    import scipy.ndimage as ndi
+
+    kwargs = dict(shape=(40, 48, 40), voxel_size=(4.0, 4.0, 4.0), seed=2, snr=float("inf"), phase_offset=False)
+    fine = simulate.simulate_acquisition(supersampling=2, **kwargs)
+    single = simulate.simulate_acquisition(supersampling=1, **kwargs)
+    assert fine.magnitude.shape == (40, 48, 40, 4) and fine.phase.dtype == np.float32
+    assert np.all(np.abs(fine.phase) <= np.pi)
+    assert fine.truth.air_chi == simulate.PHYSICAL_AIR_CHI and fine.supersampling == 2
+    assert fine.truth.voxel_size == (4.0, 4.0, 4.0) and fine.truth.brain_mask.shape == (40, 48, 40)
+    # The truth is the mean of each voxel's sub-voxels: between the extremes of the tissues.
+    assert fine.truth.chi[fine.truth.brain_mask].max() <= max(fine.truth.roi_chi.values()) + 1e-6
+    # Next to the sinus the sub-voxel fields differ, so the averaged signal decays faster than R2*
+    # alone makes it (intravoxel dephasing); deep in the brain it does not.
+    sinus = fine.truth.tissues == next(t.index for t in simulate.TISSUES if t.name == "sinus_air")
+    near_air = ndi.binary_dilation(sinus, iterations=2) & ~sinus & (fine.truth.m0 > 0.3)
+    deep = ndi.binary_erosion(fine.truth.brain_mask, iterations=4)
+    decay = lambda acquisition, region: (acquisition.magnitude[..., 3][region] / acquisition.magnitude[..., 0][region]).mean()  # noqa: E731
+    assert near_air.any() and deep.any()
+    assert decay(fine, near_air) < 0.9 * decay(single, near_air)
+    assert decay(fine, deep) == pytest.approx(decay(single, deep), rel=0.05)
+    with pytest.raises(ValueError, match="supersampling"):
+        simulate.simulate_acquisition(supersampling=0, **kwargs)

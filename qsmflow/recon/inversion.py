@@ -589,12 +589,14 @@ def total_field_inversion(total_field, mask, voxel_size, *, b0_direction=(0.0, 0
 
     Notes
     -----
-    Measured, this implementation does not beat the two-step chains: on the head of
-    ``tests/test_tfi.py`` NRMSE 44 % against 30 % for PDF + :func:`weighted_tv`, and on the
-    supersampled brain phantom (:func:`qsmflow.simulate.simulate_acquisition`, full-strength
-    air) 66-70 % against 64 % from the true total field; with the field known only inside the
-    brain the sources outside it are poorly determined. It is offered for comparison, not as a
-    preset.
+    Measured, this implementation does not beat the two-step chains. On the head of
+    ``tests/test_tfi.py`` (background 20 times the tissue field) NRMSE 34 %, as PDF +
+    :func:`weighted_tv` (33.5 %); from raw phase (``tests/benchmarks/algorithms.py --evidence``)
+    81-102 % on four poses of the supersampled phantom
+    (:func:`qsmflow.simulate.simulate_acquisition`) against 67-79 % for the ``accurate`` preset,
+    and 35 % against 11 % on qsm-forward 3 T: with the field known only inside the brain, the
+    strong sources outside it are held by the preconditioner and the iteration count alone.
+    It is offered for comparison, not as a preset.
     """
     field, mask, voxel_size, b0_direction = validated_field_inputs(total_field, mask, voxel_size, b0_direction,
                                                                    "total_field")

@@ -294,7 +294,7 @@ def evidence_block(workdir: Path, poses: int) -> None:
         datasets.append(lambda seed=seed, tilt=tilt, azimuth=azimuth: honest_dataset(20 + seed, round(tilt, 1), azimuth))
     datasets += [lambda: qsm_forward_dataset(3.0, workdir), lambda: qsm_forward_dataset(7.0, workdir),
                  brain_phantom_dataset]
-    print(f"{'dataset':30s} {'simulation':31s} {'chain':20s} {'NRMSE%':>7} {'cover':>6} {'seconds':>8}")
+    print(f"{'dataset':30s} {'simulation':31s} {'chain':26s} {'NRMSE%':>7} {'cover':>6} {'seconds':>8}")
     for make in datasets:
         data = make()
         for label, (preset, overrides) in CANDIDATES.items():
@@ -302,10 +302,10 @@ def evidence_block(workdir: Path, poses: int) -> None:
             try:
                 (chi, mask), seconds, _ = measured(chain, data, config)
             except ValueError as error:
-                print(f"{data['name']:30s} {data['simulation']:31s} {label:20s} failed: {error}")
+                print(f"{data['name']:30s} {data['simulation']:31s} {label:26s} failed: {error}")
                 continue
             evaluated = mask & data["mask"]
-            print(f"{data['name']:30s} {data['simulation']:31s} {label:20s} {metrics.nrmse(chi, data['chi'], evaluated):7.1f} "
+            print(f"{data['name']:30s} {data['simulation']:31s} {label:26s} {metrics.nrmse(chi, data['chi'], evaluated):7.1f} "
                   f"{evaluated.sum() / data['mask'].sum():6.3f} {seconds:8.2f}{roi_cells(roi_accuracy(chi, data, evaluated))}"
                   f"{roi_cells(roi_accuracy(chi, data, evaluated, 'csf'), 'CSF')}", flush=True)
 
