@@ -212,7 +212,8 @@ def test_total_field_inversion_workflow_skips_background_removal(small_scan, tmp
     from qsmflow.config import load_config
     from qsmflow.workflows.recon import init_scan_qsm_wf
 
-    config = load_config("accurate", overrides=["inversion.method=tfi", "inversion.noise_weight=true"])
+    config = load_config("accurate", overrides=["inversion.method=tfi", "inversion.noise_weight=true",
+                                                "segmentation.enabled=false", "reference.method=mean"])
     workflow = init_scan_qsm_wf(small_scan, config, tmp_path / "out", shape=(40, 48, 40))
     assert "remove_background" not in {node.name for node in workflow._graph.nodes}
     assert ("fit_field", "invert_dipole", "field_hz", "field_hz") in _edges(workflow)
