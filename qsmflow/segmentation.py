@@ -716,16 +716,19 @@ def smooth_bias_correction(image, mask, voxel_size, *, sigma_mm: float = 30.0) -
 
 def registration_target(magnitude, brain_mask, voxel_size, *, dilation_mm: float = 4.0,
                         bias_sigma_mm: float | None = 30.0):
-    """The subject image the template is registered to: the magnitude (a 4-D multi-echo
-    magnitude: the root sum of squares over echoes) inside the brain mask dilated by
+    """The subject image the template is registered to: the magnitude (of a 4-D multi-echo
+    magnitude the first echo) inside the brain mask dilated by
     ``dilation_mm`` (so the brain edge stays visible), corrected for receive bias
     (:func:`smooth_bias_correction`; ``None`` skips it), and that dilated mask."""
     mask = np.asarray(brain_mask, bool)
     outside = ndimage.distance_transform_edt(~mask, sampling=voxel_size)
     region = outside <= dilation_mm
     magnitude = np.asarray(magnitude, np.float32)
-    if magnitude.ndim == 4:  # echoes: their root sum of squares, which adds the T2* contrast of iron
-        magnitude = np.sqrt(np.sum(magnitude.astype(np.float64) ** 2, axis=-1)).astype(np.float32)
+    if magnitude.ndim == 4:
+        # The first echo: its contrast is the closest to the T1w template's. The echoes' root sum
+        # of squares (adding T2* iron contrast) registered worse on simulated subjects (2 mm, same
+        # subject: Dice CN/PU/GP/TH 0.89/0.83/0.64/0.90 against 0.92/0.90/0.75/0.92).
+        magnitude = magnitude[..., 0]
     image = np.where(region, magnitude, 0.0).astype(np.float32)
     if bias_sigma_mm:
         image = smooth_bias_correction(image, region, voxel_size, sigma_mm=bias_sigma_mm)
@@ -740,8 +743,8 @@ def template_to_subject(magnitude, brain_mask, subject_affine, atlas: Atlas, *, 
     Parameters
     ----------
     magnitude : 3-D or 4-D array
-        Subject image: the magnitude (4-D: all echoes, combined by root sum of squares), or a
-        T1w already in the magnitude's grid.
+        Subject image: the magnitude (4-D: all echoes; the first is used), or a T1w already
+        in the magnitude's grid.
     brain_mask : 3-D bool array
     subject_affine : (4, 4) array
     atlas : Atlas
