@@ -211,6 +211,7 @@ def registered_subject(default_atlas, tmp_path_factory):
     return subject, labels, warped, result
 
 
+@pytest.mark.slow  # one 2 mm SyN registration, shared by the three tests
 def test_simulated_subject_is_deformed_and_biased(registered_subject, default_atlas):
     subject, *_ = registered_subject
     assert subject.deformation.rms_nonlinear_mm >= 3.0
@@ -219,6 +220,7 @@ def test_simulated_subject_is_deformed_and_biased(registered_subject, default_at
     assert (subject.labels == segmentation.label_index("GP", "left")).sum() > 200
 
 
+@pytest.mark.slow  # one 2 mm SyN registration, shared by the three tests
 def test_registration_recovers_the_true_labels(registered_subject, default_atlas):
     subject, labels, warped, _ = registered_subject
     dices = {}
@@ -239,6 +241,7 @@ def test_registration_recovers_the_true_labels(registered_subject, default_atlas
     assert set(np.unique(labels)) <= {0} | {row.index for row in default_atlas.table}
 
 
+@pytest.mark.slow  # one 2 mm SyN registration, shared by the three tests
 def test_segmentation_error_alone_moves_roi_means_little(registered_subject, default_atlas):
     """ROI means of the true chi map: estimated labels vs the true labels."""
     subject, labels, *_ = registered_subject
