@@ -1648,22 +1648,6 @@ def split_hemispheres(labels, affine) -> np.ndarray:
     return split
 
 
-def split_hemispheres(labels, affine) -> np.ndarray:
-    """The phantom's bilateral ROI labels as the default atlas' left/right values
-    (:func:`qsmflow.segmentation.label_index`), split at world x = 0 (RAS, left x < 0)."""
-    from .segmentation import label_index
-
-    labels = np.asarray(labels)
-    world_x = np.asarray(affine)[0, 0] * np.arange(labels.shape[0]) + np.asarray(affine)[0, 3]
-    left = (world_x < 0)[:, None, None]
-    split = np.zeros(labels.shape, dtype=np.int16)
-    for roi in ROI_LABELS:
-        where = labels == roi.index
-        split[where & left] = label_index(roi.abbreviation, "left")
-        split[where & ~left] = label_index(roi.abbreviation, "right")
-    return split
-
-
 def phantom_label_atlas(shape=DEFAULT_SHAPE, voxel_size=DEFAULT_VOXEL_SIZE, *, age_years: float = 40.0,
                         echo_time: float = DEFAULT_ECHO_TIMES[0], psf_voxels: float = 0.6):
     """The nominal phantom as a labelled template (a stand-in for the MNI atlas in simulations).
