@@ -66,3 +66,11 @@ def bids_validator_errors(dataset: Path) -> list[str]:
         pytest.fail(f"bids-validator-deno did not report on {dataset} (exit {run.returncode}): {run.stderr[-2000:]}")
     return [f"{issue['code']} {issue.get('location', '')} {issue.get('issueMessage', '')[:200]}".strip()
             for issue in report["issues"]["issues"] if issue["severity"] == "error"]
+
+
+#: Command-line settings for tests of the reconstruction and of the execution layer (caching,
+#: failures, clusters): the participant level stops at the Chimap, referenced to the mean over
+#: the QSM mask as before segmentation existed, without the per-subject report. Segmentation,
+#: reference regions and reports have tests of their own.
+RECONSTRUCTION_ONLY = ("--set", "segmentation.enabled=false", "--set", "reference.method=mean",
+                       "--set", "report.enabled=false")

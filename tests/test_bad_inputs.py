@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import tree_digest
+from conftest import RECONSTRUCTION_ONLY, tree_digest
 from qsmflow import simulate
 from qsmflow.cli import main
 
@@ -60,7 +60,8 @@ def rewrite(path: Path, data, affine=None, dtype=np.float32):
 
 
 def run_cli(capfd, *arguments):
-    code = main([str(a) for a in arguments])
+    arguments = [str(a) for a in arguments]
+    code = main(arguments + (list(RECONSTRUCTION_ONLY) if "participant" in arguments else []))
     captured = capfd.readouterr()
     return code, captured.out, captured.err
 

@@ -7,12 +7,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import tree_digest, write_gre_scan
+from conftest import RECONSTRUCTION_ONLY, tree_digest, write_gre_scan
 from qsmflow.cli import main
 
 
 def run(capsys, *arguments):
-    code = main([str(a) for a in arguments])
+    arguments = [str(a) for a in arguments]
+    code = main(arguments + (list(RECONSTRUCTION_ONLY) if "participant" in arguments else []))
     captured = capsys.readouterr()
     return code, captured.err.strip().splitlines()
 

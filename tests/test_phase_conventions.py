@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import RECONSTRUCTION_ONLY
 from qsmflow.cli import main
 
 ECHO_TIMES = ("0.004", "0.012", "0.020")
@@ -68,7 +69,7 @@ def conventions_run(tmp_path_factory):
     errors = io.StringIO()
     with contextlib.redirect_stderr(errors):
         code = main([str(bids), str(output), "participant", "--config", "fast", "--work-dir", str(base / "work"),
-                     "--progress", "off", "--set", "echoes.outlier_factor=null"])
+                     "--progress", "off", "--set", "echoes.outlier_factor=null", *RECONSTRUCTION_ONLY])
     return {"code": code, "bids": bids, "output": output, "stderr": errors.getvalue()}
 
 

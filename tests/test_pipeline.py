@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import tree_digest
+from conftest import RECONSTRUCTION_ONLY, tree_digest
 from qsmflow import metrics
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,8 @@ OBLIQUE_B0 = np.array([0.35, 0.2, 1.0]) / np.linalg.norm([0.35, 0.2, 1.0])
 
 
 def qsmflow(*arguments, cwd=None):
-    return subprocess.run([sys.executable, "-m", "qsmflow.cli", *map(str, arguments)], capture_output=True, text=True, cwd=cwd)
+    arguments = [str(a) for a in arguments] + (list(RECONSTRUCTION_ONLY) if "participant" in map(str, arguments) else [])
+    return subprocess.run([sys.executable, "-m", "qsmflow.cli", *arguments], capture_output=True, text=True, cwd=cwd)
 
 
 def simulate_with_qsm_forward(root: Path, subject: str, *extra: str) -> None:

@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import RECONSTRUCTION_ONLY
 from qsmflow import simulate
 from qsmflow.progress import RunProgress
 from qsmflow.status import cohort_status, last_run
@@ -38,8 +39,8 @@ NODES_PER_SCAN = 10
 SLOW_INVERSION = ["--set", "inversion.method=tv", "--set", "inversion.tv.iterations=1000", "--set", "inversion.tv.tolerance=0"]
 
 
-#: These tests count and time a scan's nodes: the subject report (a subject-level step) is left out.
-NO_REPORT = ["--set", "report.enabled=false"]
+#: These tests count and time a scan's reconstruction nodes: segmentation and the subject report are left out.
+NO_REPORT = list(RECONSTRUCTION_ONLY)
 
 
 def qsmflow(*arguments, **kwargs):
