@@ -1719,4 +1719,7 @@ def write_atlas_inputs(bids_dir, output_dir, subjects, *, shape=DEFAULT_SHAPE, v
         _save_nifti(anat / f"sub-{label}_desc-brain_mask.nii.gz", subject.brain_mask.astype(np.uint8), subject.affine)
         _save_nifti(anat / f"sub-{label}_desc-truth_dseg.nii.gz", truth, subject.affine)
         _save_nifti(fmap / f"sub-{label}_magnitude.nii.gz", subject.magnitude, subject.affine)
+        # sidecars as the participant level writes them, so the folder is a valid derivatives dataset
+        _write_json(anat / f"sub-{label}_Chimap.json", {"Units": "ppm", "SkullStripped": False})
+        _write_json(fmap / f"sub-{label}_magnitude.json", {"Units": "arbitrary", "SkullStripped": False})
     return made

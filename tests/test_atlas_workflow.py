@@ -61,6 +61,9 @@ def test_atlas_level_outputs_units_and_rerun_of_one_band(tmp_path):
         options += ["--set", f"atlas.registration.stages.{stage}.iterations=[20,10,0]"]
     options += ["--set", "atlas.registration.stages.syn.iterations=[10,5,0]"]
     assert main([str(bids), str(out), "atlas", *options]) == 0
+    from conftest import bids_validator_errors
+
+    assert bids_validator_errors(out) == []  # the atlas level leaves a valid derivatives dataset
 
     tpl = out / "atlas" / "tpl-Test"
     description = json.loads((tpl / "template_description.json").read_text())

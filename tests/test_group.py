@@ -151,6 +151,9 @@ def test_group_level_end_to_end_with_its_cache(tmp_path):
     bids, out = make_cohort(tmp_path)
     work = tmp_path / "work"
     assert run_group(bids, out, work) == 0
+    from conftest import bids_validator_errors
+
+    assert bids_validator_errors(out) == []  # the group level leaves a valid derivatives dataset
     group = out / "group"
     for name in ("roistats.tsv", "trajectories.tsv", "trajectories.json", "zscores.tsv", "cohort.json", "index.html"):
         assert (group / name).is_file(), name
