@@ -18,16 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import RECONSTRUCTION_ONLY
 from qsmflow.resources import THREAD_VARIABLES, available_cpus, limited_threads, thread_count
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _no_segmentation() -> list[str]:
-    """Registration and ROI statistics (a minute per scan) are not under test: off, where configured."""
-    from qsmflow.config import load_config
-
-    return ["--set", "segmentation.enabled=false"] if "segmentation" in load_config(None) else []
 
 
 def test_cpus_come_from_the_affinity_mask_and_slurm(monkeypatch):
@@ -151,7 +145,7 @@ def run_and_count_threads(command: list[str], marker: str, timeout: float = 120)
 
 def _participant(dataset: Path, out: Path, *options) -> list[str]:
     return [sys.executable, "-m", "qsmflow.cli", str(dataset), str(out), "participant", "--config", "fast",
-            "--work-dir", str(out.parent / f"{out.name}-work"), "--progress", "off", *_no_segmentation(), *options]
+            "--work-dir", str(out.parent / f"{out.name}-work"), "--progress", "off", *RECONSTRUCTION_ONLY, *options]
 
 
 @pytest.mark.slow
