@@ -38,7 +38,7 @@ def _common_options(parser: argparse.ArgumentParser, work_dir_default: str = "OU
     _config_options(parser)
     parser.add_argument("--work-dir", type=Path,
                         help=f"nipype cache; rerunning with the same one resumes (default: {work_dir_default})")
-    parser.add_argument("--nprocs", type=int, help="parallel processes for MultiProc (default: all cores)")
+    parser.add_argument("--nprocs", type=int, help="parallel processes for MultiProc (default: the CPUs this process may use)")
     parser.add_argument("--plugin", help="MultiProc (default), Linear, SLURMArray (one SLURM array task per participant), or one job per node: SLURM, SLURMGraph, SGE, PBS")
     parser.add_argument("--plugin-args", type=Path, metavar="FILE",
                         help="YAML file of plugin arguments (e.g. sbatch_args), merged into execution.plugin_args")
@@ -73,7 +73,7 @@ def build_demo_parser() -> argparse.ArgumentParser:
         prog="qsmflow demo", description="Simulate a small cohort and reconstruct it.",
         epilog="Writes OUTPUT_DIR/bids (the simulated BIDS dataset with its ground truth in bids/derivatives/), "
                "OUTPUT_DIR/derivatives/qsmflow (the reconstruction), OUTPUT_DIR/work (the cache) and "
-               "OUTPUT_DIR/demo_accuracy.tsv (ROI means against the truth); about 90 MB per simulated scan.")
+               "OUTPUT_DIR/demo_accuracy.tsv (ROI means against the truth); about 60 MB per simulated scan (0.9 GB for the default cohort).")
     parser.add_argument("output_dir", type=Path, help="directory for the simulated dataset and the derivatives")
     parser.add_argument("--subjects", type=int, default=12,
                         help="number of simulated subjects, ages 1-80, three of them scanned twice (default: 12)")
