@@ -36,7 +36,7 @@ from qsmflow.workunits import WorkUnit
 # The dipole inversion is made slow enough (about 2 s) to cancel its job while it computes.
 #: the subject report is left out: the tests count the jobs of a scan's nodes
 RECON = ["--set", "inversion.method=tv", "inversion.tv.iterations=600", "inversion.tv.tolerance=1.0e-12",
-         "report.enabled=false"]
+         "report.enabled=false", "segmentation.enabled=false", "reference.method=mean"]
 LOOP = {"poll_sleep_duration": 0.2, "job_finished_timeout": 1, "max_tries": 0}
 RUN_TIMEOUT = 240
 

@@ -29,8 +29,8 @@ from qsmflow.slurm_array import ArraySettings, estimate_task_mem_gb
 RUN_TIMEOUT = 180
 #: The registration and ROI statistics of the participant level are not under test here, and cost a
 #: minute per participant: they are switched off (where the configuration has them).
-NO_SEGMENTATION = {"segmentation": {"enabled": False}} if "segmentation" in load_config(None) else {}
-NO_SEGMENTATION_SET = ["--set", "segmentation.enabled=false"] if NO_SEGMENTATION else []
+NO_SEGMENTATION = {"segmentation": {"enabled": False}, "reference": {"method": "mean"}}
+NO_SEGMENTATION_SET = ["--set", "segmentation.enabled=false", "--set", "reference.method=mean"]
 
 
 # ---------------------------------------------------------------- no scheduler needed
@@ -130,7 +130,7 @@ def test_a_refused_group_job_cancels_the_array_and_leaves_no_submission(tmp_path
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(slurm_array, "SBATCH_RETRY_SECONDS", 0.0)
-    config = load_config("slurm-array", ["execution.array.cpus_per_task=1", *(["segmentation.enabled=false"] if NO_SEGMENTATION else [])])
+    config = load_config("slurm-array", ["execution.array.cpus_per_task=1", "segmentation.enabled=false", "reference.method=mean"])
     work = tmp_path / "work"
     with pytest.raises(ClusterJobError, match="invalid account"):
         slurm_array.submit(bids, tmp_path / "out", config=config, work_dir=work)
