@@ -111,10 +111,9 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
 
     mask = node(BrainMask(method=config["mask"]["method"], parameters=method_parameters(config, "mask") if config["mask"]["method"] != "file" else {}), "mask", "brain_mask")
     if config["mask"]["method"] == "file":
-        entities = {key: (value or "") for key, value in scan.entities.items()}
+        fill = {key: (value or "") for key, value in scan.entities.items()}
         mask.inputs.mask_file = config["mask"]["file"].format(
-            subject=entities["subject"], session=entities["session"],
-            acquisition=entities["acquisition"], run=entities["run"],
+            subject=fill["subject"], session=fill["session"], acquisition=fill["acquisition"], run=fill["run"],
         )
 
     unwrap = node(UnwrapPhase(
