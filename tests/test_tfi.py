@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qsmflow.metrics import nrmse
 from qsmflow.recon import background, inversion
 from qsmflow.recon.dipole import forward_field
 
@@ -20,12 +21,6 @@ SHAPE = (48, 48, 48)
 def ellipsoid(centre_mm, semi_axes_mm):
     grid = np.meshgrid(*[np.arange(n) * d for n, d in zip(SHAPE, VOXEL)], indexing="ij", sparse=True)
     return sum(((g - c) / a) ** 2 for g, c, a in zip(grid, centre_mm, semi_axes_mm)) <= 1
-
-
-def nrmse(estimate, truth, mask):
-    a = estimate[mask] - estimate[mask].mean()
-    b = truth[mask] - truth[mask].mean()
-    return 100 * np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 @pytest.fixture(scope="module")

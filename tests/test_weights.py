@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from qsmflow.metrics import nrmse
 from qsmflow.recon import background, echoes, inversion, masking
 from qsmflow.recon.dipole import forward_field
 
@@ -19,12 +20,6 @@ SHAPE = (40, 40, 40)
 def ellipsoid(centre_mm, semi_axes_mm, shape=SHAPE, voxel_size=VOXEL):
     grid = np.meshgrid(*[np.arange(n) * d for n, d in zip(shape, voxel_size)], indexing="ij", sparse=True)
     return sum(((g - c) / a) ** 2 for g, c, a in zip(grid, centre_mm, semi_axes_mm)) <= 1
-
-
-def nrmse(estimate, truth, mask):
-    a = estimate[mask] - estimate[mask].mean()
-    b = truth[mask] - truth[mask].mean()
-    return 100 * np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 @pytest.fixture(scope="module")
