@@ -350,6 +350,12 @@ def run_level(level: str, bids_dir: Path, output_dir: Path, *, participant_label
         failed_units = {f.unit for f in failures}
         total = len(counted) + len(refused)
         done = total - len({u.name for u in counted if u.name in failed_units} | {f.unit for f in refused})
+        if failures and plan.after_failures is not None:
+            try:
+                for path in plan.after_failures(failures) or ():
+                    LOGGER.info("wrote %s from the units that finished", path)
+            except Exception as error:  # the run's own failures below matter more; say this one too
+                LOGGER.error("could not write the outputs of the units that finished: %s", error)
         if failures:
             lines = [f"{done} of {total} {noun}(s) finished; {total - done} failed "
                      f"(tracebacks in the crash files; nipype's log: {nipype_log.path}):",

@@ -38,12 +38,17 @@ class LevelPlan:
         What the level's summary counts (``scan``, ``fit``, ``template`` ...): units of this kind.
     units : list of WorkUnit
         Filled from ``workflow`` by :meth:`collect`.
+    after_failures : callable, optional
+        Called with the run's failures (``qsmflow.execution.Failure``) when some units failed,
+        to write what can still be written from the units that finished (the participant
+        level: the report pages of subjects with a failed scan).
     """
 
     workflow: object
     problems: list = field(default_factory=list)
     noun: str = "scan"
     units: list = field(default_factory=list)
+    after_failures: object = None
 
     def collect(self) -> "LevelPlan":
         self.units = collect_units(self.workflow)
@@ -64,7 +69,13 @@ def participant_level(bids_dir: Path, output_dir: Path, config: dict, participan
     scans, invalid = collect_scans(bids_dir, participant_labels, field_strength=config["input"]["field_strength"])
     problems = [Problem(unit=name, subject=name.split("_")[0][4:], reason=reason) for name, reason in invalid]
     workflow = init_participant_wf(scans, config, output_dir) if scans else None
-    return LevelPlan(workflow=workflow, problems=problems, noun="scan")
+    after_failures = None
+    if config["report"]["enabled"]:
+        from .workflows.reports import report_unfinished_subjects
+
+        def after_failures(failures):
+            return report_unfinished_subjects(scans, failures, config, output_dir)
+    return LevelPlan(workflow=workflow, problems=problems, noun="scan", after_failures=after_failures)
 
 
 #: Level name -> builder, or "module:function" imported when the level is run.

@@ -336,3 +336,35 @@ def test_report_files_pass_the_bids_validator(tmp_path):
         (out / f"sub-{subject}.html").write_text("<!DOCTYPE html><html></html>\n")
     write_dataset_description(out)
     assert bids_validator_errors(out) == []
+
+
+def test_a_subject_with_failed_scans_still_gets_a_page_that_says_so(tmp_path, capfd):
+    """One scan's failure stops its subject's report in the workflow (the report joins every
+    scan), and a scan refused at the input check is not in the workflow. The run then writes the
+    page from the scans that finished and lists the others; the subject's unit stays failed for
+    ``qsmflow status``."""
+    from qsmflow.cli import main
+    from qsmflow.status import cohort_status
+
+    bids = simulate.write_bids_dataset(tmp_path / "bids", [{"label": "01", "age": 30, "sessions": ["1", "2", "3"]}],
+                                       shape=(32, 36, 32), voxel_size=(5.0, 5.0, 5.0), echo_times=(0.004, 0.012))
+    anat = bids / "sub-01" / "ses-{}" / "anat" / "sub-01_ses-{}_echo-{}_part-{}_MEGRE.nii.gz"
+    for echo in (1, 2):  # ses-2: a blank magnitude passes the input check and fails in the brain mask
+        path = Path(str(anat).format(2, 2, echo, "mag"))
+        nib.save(nib.Nifti1Image(np.zeros((32, 36, 32), np.float32), nib.load(str(path)).affine), str(path))
+    refused = Path(str(anat).format(3, 3, 2, "phase"))  # ses-3: refused before the run
+    nib.save(nib.Nifti1Image(np.zeros((32, 36, 30), np.float32), nib.load(str(refused)).affine), str(refused))
+    output, work = tmp_path / "out", tmp_path / "work"
+    code = main([str(bids), str(output), "participant", "--work-dir", str(work), "--progress", "off",
+                 "--plugin", "Linear", "--set", "segmentation.enabled=false", "--set", "reference.method=mean"])
+    err = capfd.readouterr().err
+    assert code == 1, err
+    assert (output / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_Chimap.nii.gz").is_file()
+    assert not (output / "sub-01" / "ses-2").exists()
+    page = (output / "sub-01.html").read_text()
+    assert "Scans that failed" in page and "3 scans, 2 failed" in page
+    for scan in ("sub-01_ses-1_MEGRE", "sub-01_ses-2_MEGRE", "sub-01_ses-3_MEGRE", "(input check)", str(refused)):
+        assert scan in page, scan
+    assert list((output / "sub-01" / "figures").iterdir())
+    states = {status.name: status.state for status in cohort_status(work, output)}
+    assert states["sub-01_ses-1_MEGRE"] == "done" and states["sub-01"] != "done", states

@@ -163,3 +163,74 @@ def add_subject_reports(subject_wfs: dict, scans, scan_wfs: dict, config: dict, 
                          segmentation_fields=segmentation_fields)
         reports[subject] = report_wf
     return reports
+
+
+def report_unfinished_subjects(scans, failures, config: dict, output_dir) -> list:
+    """After a run in which some scans failed, write those subjects' pages from what finished.
+
+    A subject's report joins all its scans, so one failed scan stops its page in the workflow,
+    and a scan refused at the input check is not in the workflow at all. This writes
+    ``sub-<label>.html`` from the derivatives of the subject's scans that did finish (read from
+    OUTPUT_DIR) and lists the failed and refused ones with the failing step and reason. The
+    subject's unit of work stays failed (its report node did not finish), so ``qsmflow status``
+    does not call it done, and the next successful run rewrites the page in full.
+
+    Parameters
+    ----------
+    scans : list of qsmflow.bids.Scan
+        The scans the run was built from.
+    failures : list of qsmflow.execution.Failure
+        Everything that failed or was refused, by unit of work.
+    config : dict
+        Validated configuration (its ``report`` and ``segmentation`` sections).
+    output_dir : path
+        Root of the derivatives dataset.
+
+    Returns
+    -------
+    list of Path: the pages written.
+    """
+    from pathlib import Path
+
+    from qsmflow.bids import derivative_path
+    from qsmflow.reports.subject import FailedScan, ScanReportFiles, write_subject_report
+
+    from .segmentation import segmentation_outputs
+
+    output_dir = Path(output_dir)
+    scan_units = {f"{scan.name}_{scan.suffix}": scan for scan in scans}
+    failed_by_subject: dict[str, dict] = {}
+    for failure in failures:
+        if failure.unit in scan_units or failure.node == "(input check)":
+            subject = scan_units[failure.unit].subject if failure.unit in scan_units else failure.subject
+            failed_by_subject.setdefault(subject, {}).setdefault(
+                failure.unit, FailedScan(failure.unit, failure.node, failure.reason, failure.crash_file))
+    settings = config.get("report", {})
+    segmented = config.get("segmentation", {}).get("enabled", False)
+    shown = {key: value for key, value in config.items() if key != "execution"}
+    pages = []
+    for subject, failed in sorted(failed_by_subject.items()):
+        finished = []
+        for name, scan in sorted(scan_units.items()):
+            if scan.subject != subject or name in failed:
+                continue
+            entities = {k: v for k, v in scan.entities.items() if v is not None}
+            files = {"chimap": derivative_path(output_dir, entities, "Chimap"),
+                     "brain_mask": derivative_path(output_dir, {**entities, "desc": "brain"}, "mask"),
+                     "qsm_mask": derivative_path(output_dir, {**entities, "desc": "qsm"}, "mask")}
+            if segmented:
+                written = segmentation_outputs(entities, "template")  # the template's name is not in these three
+                files.update({role: output_dir / written[role] for role in ("dseg", "dseg_tsv", "roistats")})
+            missing = [path for path in files.values() if not Path(path).is_file()]
+            if missing:
+                failed[name] = FailedScan(name, "(outputs)", f"{missing[0]} missing after the run")
+                continue
+            finished.append(ScanReportFiles(name=name, magnitude=scan.magnitude_files[0],
+                                            **{role: str(path) for role, path in files.items()}))
+        if not finished:
+            continue  # nothing of the subject finished: the run's table of failures says it all
+        pages.append(write_subject_report(
+            output_dir, subject, finished, config=shown, failed=list(failed.values()),
+            orientation=settings.get("orientation", "radiological"), chi_window=settings.get("chi_window", 0.15),
+            figure_format=settings.get("figure_format", "png")))
+    return pages

@@ -37,6 +37,16 @@ _ROI_DECIMALS = {"volume_mm3": 1, "volume": 1}
 
 
 @dataclass
+class FailedScan:
+    """A scan of the subject that did not finish: its name, the step that failed and why."""
+
+    name: str
+    step: str
+    reason: str
+    crash_file: str = "-"
+
+
+@dataclass
 class ScanReportFiles:
     """The files one scan contributes to its subject's report.
 
@@ -251,7 +261,7 @@ def _scan_section(page: ReportPage, scan: ScanReportFiles, figure_dir: Path, *, 
 
 
 def write_subject_report(output_dir, subject: str, scans, *, config: dict | None = None, orientation: str = "radiological",
-                         chi_window: float = figures.CHI_WINDOW_PPM, figure_format: str = "png") -> Path:
+                         chi_window: float = figures.CHI_WINDOW_PPM, figure_format: str = "png", failed=()) -> Path:
     """Write ``OUTPUT_DIR/sub-<subject>.html`` and its figures under ``sub-<subject>/figures/``.
 
     Parameters
@@ -268,6 +278,10 @@ def write_subject_report(output_dir, subject: str, scans, *, config: dict | None
     chi_window : float
         Half-width of the Chimap display window (ppm).
     figure_format : {"png", "svg"}
+    failed : sequence of FailedScan
+        Scans of the subject that did not finish in this run: listed in the summary and in a
+        section of their own with the failing step and the reason, so that the page never
+        passes for a complete report.
 
     Returns
     -------
@@ -279,15 +293,27 @@ def write_subject_report(output_dir, subject: str, scans, *, config: dict | None
     if figure_format not in {"png", "svg"}:
         raise ValueError(f"figure_format must be 'png' or 'svg', got {figure_format!r}")
     scans = sorted(scans, key=lambda s: s.name)
-    if not scans:
+    failed = sorted(failed, key=lambda f: f.name)
+    if not scans and not failed:
         raise ValueError(f"sub-{subject}: no scans to report")
     output_dir = Path(output_dir)
     figure_dir = output_dir / f"sub-{subject}" / "figures"
-    page = ReportPage(f"sub-{subject}", path=output_dir / f"sub-{subject}.html",
-                      subtitle=f"qsmflow participant report: {len(scans)} scan{'s' if len(scans) != 1 else ''}")
+    total = len(scans) + len(failed)
+    subtitle = f"qsmflow participant report: {total} scan{'s' if total != 1 else ''}"
+    if failed:
+        subtitle += f", {len(failed)} failed"
+    page = ReportPage(f"sub-{subject}", path=output_dir / f"sub-{subject}.html", subtitle=subtitle)
     summary = page.section("Summary", anchor="summary")
-    summary.table([[s.name, "yes" if s.dseg else "no", "yes" if s.roistats else "no"] for s in scans],
-                  header=["scan", "segmentation", "ROI statistics"], caption="Scans of this participant")
+    rows = [[s.name, "finished", "yes" if s.dseg else "no", "yes" if s.roistats else "no"] for s in scans]
+    rows += [[f.name, "failed", "-", "-"] for f in failed]
+    summary.table(sorted(rows), header=["scan", "state", "segmentation", "ROI statistics"],
+                  caption="Scans of this participant")
+    if failed:
+        summary.note(f"{len(failed)} of {total} scans did not finish in the last run (see 'Scans that failed'); "
+                     "this page shows the others and is rewritten in full once every scan finishes.")
+        section = page.section("Scans that failed", anchor="failed")
+        section.table([[f.name, f.step, f.reason, f.crash_file] for f in failed],
+                      header=["scan", "step", "reason", "crash file"])
     summary.note(figures.orientation_note(orientation), kind="info")
     for scan in scans:
         _scan_section(page, scan, figure_dir, orientation=orientation, chi_window=chi_window, figure_format=figure_format)
