@@ -156,6 +156,7 @@ RULES: dict[str, dict] = {
     "echoes.outlier_factor": nullable(positive()),
     "echoes.edge_outlier_factor": nullable(positive()),
     "echoes.edge_mm": number(0),
+    "echoes.outlier_min_cluster": whole(1),
     "r2star.method": choice("loglinear", "arlo"),
     "reference.method": choice("csf", "brain", "mean", "none"),
     "reference.erosion_mm": nullable(number(0, 30)),

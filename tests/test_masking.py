@@ -1,6 +1,7 @@
 """Tests for qsmflow.recon.masking on a simulated head: brain, dark skull, bright scalp."""
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 
 from qsmflow.recon.masking import MASKING_METHODS, brain_mask_from_magnitude
 
@@ -102,3 +103,58 @@ def test_bad_parameters(head):
         brain_mask_from_magnitude(head["image"], VOXEL, threshold=1.5)
     with pytest.raises(ValueError, match="erosion"):
         brain_mask_from_magnitude(head["image"], VOXEL, erosion_mm=60.0)
+
+
+# --------------------------------------------------------------------------- reliability mask
+def _echo_fit_residual(seed=7, shape=(40, 40, 40)):
+    """A box brain whose echo-fit residual is noise (Rayleigh, skewed like an RMS residual), plus
+    a 2-voxel band of large residuals on one face (a genuine misfit next to air or bone)."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(shape, bool)
+    mask[4:36, 4:36, 4:36] = True
+    residual = (0.01 * np.hypot(rng.normal(size=shape), rng.normal(size=shape))).astype(np.float32)
+    band = np.zeros(shape, bool)
+    band[4:6, 8:30, 8:30] = True
+    residual[band] += 0.1
+    # a change far below the noise, as 1 mrad rounding of the phase gives (5 % of the residual's
+    # robust spread, measured on qsm-forward's head)
+    perturbed = residual + rng.normal(0, 3.5e-4, shape).astype(np.float32)
+    return mask, band, residual, perturbed
+
+
+def test_reliability_mask_does_not_move_with_a_perturbation_far_below_the_noise():
+    """Issue 8: GE's 1 mrad rounding moved noise-level outliers in and out of the mask, and
+    V-SHARP's erosion grew each hole into a sphere. Only clusters of outliers are dropped now."""
+    from qsmflow.recon.masking import _erode_mm, reliable_field_mask
+
+    mask, band, residual, perturbed = _echo_fit_residual()
+    options = dict(outlier_factor=10.0, edge_outlier_factor=3.0, edge_mm=6.0, voxel_size=(1.0, 1.0, 1.0))
+    kept, kept_perturbed = (reliable_field_mask(mask, r, **options) for r in (residual, perturbed))
+    assert not kept[band].any() and not kept_perturbed[band].any()  # the misfit band is dropped
+    beside = ndi.binary_dilation(band, np.ones((3, 3, 3), bool))       # noise outliers touching the band join it
+    assert (kept | beside == mask | beside).all()                   # nothing else: scattered outliers stay
+    assert (kept ^ kept_perturbed).sum() <= 3
+    eroded, eroded_perturbed = (_erode_mm(k, 4.0, np.ones(3)) for k in (kept, kept_perturbed))  # V-SHARP's erosion
+    assert (eroded ^ eroded_perturbed).sum() <= 10
+    # dropping every outlier (the old rule) punches noise holes that the perturbation moves
+    single, single_perturbed = (reliable_field_mask(mask, r, min_cluster=1, **options) for r in (residual, perturbed))
+    assert (mask & ~band & ~single).sum() > 50
+    assert (single ^ single_perturbed).sum() >= 5
+    assert (_erode_mm(single, 4.0, np.ones(3)) ^ _erode_mm(single_perturbed, 4.0, np.ones(3))).sum() > 100
+
+
+def test_reliability_mask_drops_an_outlier_cluster_from_its_size():
+    from qsmflow.recon.masking import reliable_field_mask
+
+    mask, _, residual, _ = _echo_fit_residual(shape=(40, 40, 40))
+    residual = np.full(mask.shape, 0.01, np.float32) + 0.001 * (np.indices(mask.shape).sum(0) % 3)
+    residual[20, 20, 20:29] = 1.0  # 9 voxels deep inside: kept with min_cluster 10
+    residual[10, 10, 10:20] = 1.0  # 10 voxels: dropped
+    kept = reliable_field_mask(mask, residual, outlier_factor=10.0)
+    assert kept[20, 20, 20:29].all() and not kept[10, 10, 10:20].any()
+    assert kept.sum() == mask.sum() - 10
+    assert not reliable_field_mask(mask, residual, outlier_factor=10.0, min_cluster=9)[20, 20, 20:29].any()
+    with pytest.raises(ValueError, match="min_cluster"):
+        reliable_field_mask(mask, residual, min_cluster=0)
+    with pytest.raises(ValueError, match="min_cluster"):
+        reliable_field_mask(mask, residual, min_cluster=2.5)

@@ -123,6 +123,7 @@ def init_scan_qsm_wf(scan, config: dict, output_dir, *, shape, name: str = "scan
         method=config["echoes"]["method"], parameters=method_parameters(config, "echoes"), echo_times=scan.echo_times,
         outlier_factor=config["echoes"]["outlier_factor"],
         edge_outlier_factor=config["echoes"].get("edge_outlier_factor"), edge_mm=config["echoes"].get("edge_mm", 6.0),
+        outlier_min_cluster=config["echoes"]["outlier_min_cluster"],
     ), "echoes", "fit_field")
     inversion = node(InvertDipole(
         method=config["inversion"]["method"], parameters=method_parameters(config, "inversion"),

@@ -214,6 +214,7 @@ class _FitFieldInputSpec(_MethodInputSpec):
     edge_outlier_factor = traits.Either(None, traits.Float, default=None, usedefault=True,
                                         desc="stricter outlier factor in the mask's outer edge_mm; None: outlier_factor")
     edge_mm = traits.Float(6.0, usedefault=True, desc="width of that outer shell (mm)")
+    outlier_min_cluster = traits.Int(10, usedefault=True, desc="smallest connected cluster of outliers dropped (voxels)")
 
 
 class _FitFieldOutputSpec(_ProvenanceOutputSpec):
@@ -241,7 +242,8 @@ class FitField(SimpleInterface):
         provenance["EchoTimes"] = list(self.inputs.echo_times)
         if self.inputs.outlier_factor is not None:
             options = {"outlier_factor": self.inputs.outlier_factor,
-                       "edge_outlier_factor": self.inputs.edge_outlier_factor, "edge_mm": self.inputs.edge_mm}
+                       "edge_outlier_factor": self.inputs.edge_outlier_factor, "edge_mm": self.inputs.edge_mm,
+                       "min_cluster": self.inputs.outlier_min_cluster}
             reliable = reliable_field_mask(mask, fit["residual"], voxel_size=dipole.voxel_sizes_from_affine(image.affine),
                                            **options)
             provenance["ReliabilityMask"] = {

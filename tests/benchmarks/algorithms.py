@@ -190,7 +190,8 @@ def local_field_chain(data, config):
     if config["echoes"]["outlier_factor"] is not None:
         mask = masking.reliable_field_mask(mask, fit["residual"], outlier_factor=config["echoes"]["outlier_factor"],
                                            edge_outlier_factor=config["echoes"].get("edge_outlier_factor"),
-                                           edge_mm=config["echoes"].get("edge_mm", 6.0), voxel_size=data["voxel_size"])
+                                           edge_mm=config["echoes"].get("edge_mm", 6.0), voxel_size=data["voxel_size"],
+                                           min_cluster=config["echoes"]["outlier_min_cluster"])
     total = dipole.hz_to_ppm(fit["field_hz"], data["field_strength"]).astype(np.float32)
     weights = {"weight": fit["field_weight"]} if config["background"].get("noise_weight") else {}
     if config["inversion"]["method"] in inversion.TOTAL_FIELD_INVERSIONS:
