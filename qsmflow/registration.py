@@ -23,6 +23,11 @@ Usage (other parts of qsmflow call these)::
     back = registration.apply_transform(moving, subject_chi, result.inverse)     # to template
 
     rigid = registration.register(fixed, moving, transform="rigid")             # e.g. COSMOS
+    # multichannel: a second pair (e.g. subject Chimap, template-space prior) in the SyN stage
+    both = registration.register(fixed, moving, channels=[registration.Channel(chi, prior, weight=0.5)])
+
+The antsRegistration child process is killed by Linux when the process that started it dies
+(``PR_SET_PDEATHSIG``), so a killed run leaves no registration running.
 
 References
 ----------
@@ -37,6 +42,7 @@ deformations. IEEE Trans Med Imaging 2003;22:120-128 (Mattes mutual information)
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -135,6 +141,7 @@ class Registration:
     stages: dict = field(default_factory=dict)
     seed: int = DEFAULT_SEED
     threads: int = 1
+    channels: list = field(default_factory=list)
 
     def provenance(self) -> dict:
         """Stages and settings as a JSON-friendly dict (for sidecars)."""
@@ -143,6 +150,7 @@ class Registration:
             "Stages": [{"Transform": name, **{k: (list(v) if isinstance(v, tuple) else v)
                                                 for k, v in vars(stage).items()}}
                        for name, stage in self.stages.items()],
+            **({"Channels": self.channels} if self.channels else {}),
             "InitialTransform": "centres of mass aligned",
             "RandomSeed": self.seed,
             "Threads": self.threads,
@@ -212,7 +220,7 @@ def _as_float_image(image):
 # ---------------------------------------------------------------------------------------------
 # registration
 
-def _stage_arguments(name: str, stage: Stage, fixed: str, moving: str) -> list[str]:
+def _stage_arguments(name: str, stage: Stage, fixed: str, moving: str, channels=()) -> list[str]:
     if stage.metric not in METRICS:
         raise ValueError(f"unknown metric {stage.metric!r} of the {name} stage; expected one of {METRICS}")
     levels = {len(stage.iterations), len(stage.shrink_factors), len(stage.smoothing_sigmas)}
@@ -236,6 +244,12 @@ def _stage_arguments(name: str, stage: Stage, fixed: str, moving: str) -> list[s
                    f"Mattes[{fixed},{moving},0.5,32,{sampling},{stage.sampling_rate:g}]"]
     else:
         metrics = [f"MeanSquares[{fixed},{moving},1,0]"]
+    if channels:
+        # Further image pairs (multichannel registration): each a CC term of its weight; the
+        # main pair keeps the rest of the unit total.
+        rest = 1.0 - sum(weight for _, _, weight, _ in channels)
+        metrics = [_reweighted(text, rest) for text in metrics]
+        metrics += [f"CC[{f},{m},{weight:g},{int(radius)}]" for f, m, weight, radius in channels]
     if name == "syn":
         transform = f"SyN[{stage.gradient_step:g},{stage.update_sigma:g},{stage.total_sigma:g}]"
     else:
@@ -250,12 +264,46 @@ def _stage_arguments(name: str, stage: Stage, fixed: str, moving: str) -> list[s
     ]
 
 
+def _reweighted(metric: str, factor: float) -> str:
+    """``Name[fixed,moving,weight,...]`` with its weight multiplied by ``factor``."""
+    name, rest = metric.split("[", 1)
+    parts = rest.rstrip("]").split(",")
+    parts[2] = f"{float(parts[2]) * factor:g}"
+    return f"{name}[{','.join(parts)}]"
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One more image pair of a multichannel registration (an extra metric term).
+
+    Attributes
+    ----------
+    fixed, moving : ants.ANTsImage
+        The pair, in the same spaces as :func:`register`'s ``fixed`` and ``moving`` (e.g. a
+        subject's susceptibility map and a susceptibility prior in template space).
+    weight : float
+        Share of this pair's neighbourhood cross-correlation in the stage's metric, in (0, 1);
+        the main pair keeps 1 minus the channels' total.
+    radius : int
+        CC neighbourhood radius (voxels).
+    stages : tuple of str
+        Stages that use the pair (e.g. ``("syn",)``: the linear stages stay on the main pair).
+    """
+
+    fixed: object
+    moving: object
+    weight: float = 0.5
+    radius: int = 2
+    stages: tuple = ("syn",)
+
+
 def register(
     fixed,
     moving,
     *,
     transform: str = "syn",
     stages: dict | None = None,
+    channels=(),
     fixed_mask=None,
     moving_mask=None,
     seed: int = DEFAULT_SEED,
@@ -274,6 +322,9 @@ def register(
     stages : dict, optional
         Stage name -> :class:`Stage` or dict of :class:`Stage` fields overriding
         :data:`DEFAULT_STAGES` (e.g. ``{"syn": {"iterations": (40, 20, 0)}}``).
+    channels : sequence of Channel
+        Further image pairs, each one more CC term of the stages it names (multichannel
+        registration: the deformation has to match every pair; Avants et al. 2011).
     fixed_mask, moving_mask : ants.ANTsImage, optional
         Where the metric is evaluated (e.g. dilated brain masks), in each image's space.
     seed : int
@@ -315,6 +366,14 @@ def register(
             stage = replace(stage, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in override.items()})
         _stage_arguments(name, stage, "fixed", "moving")  # validates the settings before any work
         effective[name] = stage
+    channels = tuple(channels)
+    for channel in channels:
+        if not 0 < channel.weight < 1:
+            raise ValueError(f"a registration channel's weight must be in (0, 1), got {channel.weight}")
+        if set(channel.stages) - set(STAGE_ORDER):
+            raise ValueError(f"unknown stage(s) {sorted(set(channel.stages) - set(STAGE_ORDER))} of a registration channel")
+    if sum(channel.weight for channel in channels) >= 1:
+        raise ValueError("the registration channels' weights must add up to less than 1")
     unknown_stages = set(stages or {}) - set(STAGE_ORDER)
     if unknown_stages:
         raise ValueError(f"unknown registration stage(s) {sorted(unknown_stages)}; expected {STAGE_ORDER}")
@@ -329,6 +388,10 @@ def register(
             if image is not None:
                 files[key] = str(Path(scratch) / f"{key}.nii.gz")
                 ants.image_write(_as_float_image(image), files[key])
+        for number, channel in enumerate(channels):
+            for key, image in (("fixed", channel.fixed), ("moving", channel.moving)):
+                files[f"{key}_channel{number}"] = str(Path(scratch) / f"{key}_channel{number}.nii.gz")
+                ants.image_write(_as_float_image(image), files[f"{key}_channel{number}"])
         warped_path = str(Path(scratch) / "warped.nii.gz")
         arguments = ["--dimensionality", "3", "--float", "1", "--collapse-output-transforms", "1",
                      "--write-composite-transform", "1",
@@ -339,7 +402,9 @@ def register(
                      "--random-seed", str(int(seed)),
                      "--output", f"[{outprefix},{warped_path}]"]
         for name, stage in effective.items():
-            arguments += _stage_arguments(name, stage, files["fixed"], files["moving"])
+            pairs = [(files[f"fixed_channel{n}"], files[f"moving_channel{n}"], c.weight, c.radius)
+                     for n, c in enumerate(channels) if name in c.stages]
+            arguments += _stage_arguments(name, stage, files["fixed"], files["moving"], pairs)
         if "fixed_mask" in files or "moving_mask" in files:
             arguments += ["--masks", "[{},{}]".format(files.get("fixed_mask", "NULL"), files.get("moving_mask", "NULL"))]
         _run_ants_registration(arguments, threads)
@@ -349,7 +414,35 @@ def register(
         if not Path(path).is_file():
             raise RuntimeError(f"antsRegistration wrote no {path}")
     return Registration(forward=[forward], inverse=[inverse], warped=warped, stages=effective,
-                        seed=int(seed), threads=threads)
+                        seed=int(seed), threads=threads,
+                        channels=[{"Metric": "CC", "Weight": c.weight, "Radius": int(c.radius), "Stages": list(c.stages)}
+                                  for c in channels])
+
+
+#: ``PR_SET_PDEATHSIG`` of Linux' ``prctl(2)`` and the signal sent to the child when its parent dies.
+_PR_SET_PDEATHSIG = 1
+_SIGKILL = 9
+
+
+def _die_with_parent(parent: int, prctl) -> None:
+    """In the forked child before ``exec``: ask Linux to kill this process when the thread that
+    forked it exits (``prctl(PR_SET_PDEATHSIG, SIGKILL)``), so that an antsRegistration child does
+    not outlive a killed qsmflow run; ``parent`` is the parent's pid, ``prctl`` libc's function
+    (looked up in the parent: no library loading between fork and exec)."""
+    if prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0) != 0:
+        os._exit(126)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _child_setup():
+    """``preexec_fn`` of the antsRegistration child: :func:`_die_with_parent` on Linux, ``None``
+    elsewhere (there the child survives a killed parent)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return functools.partial(_die_with_parent, os.getpid(), ctypes.CDLL(None, use_errno=True).prctl)
 
 
 def _run_ants_registration(arguments: list[str], threads: int) -> None:
@@ -364,7 +457,7 @@ def _run_ants_registration(arguments: list[str], threads: int) -> None:
     code = ("import json, sys, ants; "
             "sys.exit(ants.lib.antsRegistration(json.loads(sys.stdin.read())))")
     completed = subprocess.run([sys.executable, "-c", code], input=json.dumps(arguments), text=True,
-                               env=environment, capture_output=True)
+                               env=environment, capture_output=True, preexec_fn=_child_setup())
     if completed.returncode != 0:
         message = (completed.stderr or completed.stdout).strip().splitlines()
         raise RuntimeError(f"antsRegistration failed with exit code {completed.returncode}: "

@@ -138,3 +138,86 @@ def test_bad_settings_are_named():
         registration.register(image, image, transform="rigid", stages={"rigid": {"speed": 2}})
     with pytest.raises(ValueError, match="one value per level"):
         registration.register(image, image, transform="rigid", stages={"rigid": {"iterations": (10, 5)}})
+
+
+def test_channels_become_weighted_metric_terms():
+    """A channel adds a CC term of its weight to the stages it names; the main metric keeps the
+    rest (the effect on a registration is measured by tests/benchmarks/segmentation.py)."""
+    stage = registration.Stage(metric="cc", metric_parameter=2)
+    plain = registration._stage_arguments("syn", stage, "F", "M")
+    assert [a for a in plain if a.startswith("CC[")] == ["CC[F,M,1,2]"]
+    both = registration._stage_arguments("syn", stage, "F", "M", [("F2", "M2", 0.3, 3)])
+    assert [a for a in both if a.startswith("CC[")] == ["CC[F,M,0.7,2]", "CC[F2,M2,0.3,3]"]
+    mixed = registration._stage_arguments("affine", registration.Stage(metric="cc+mattes"), "F", "M", [("F2", "M2", 0.5, 2)])
+    metrics = [mixed[i + 1] for i, a in enumerate(mixed) if a == "--metric"]
+    assert [m.split(",")[2] for m in metrics] == ["0.25", "0.25", "0.5"]
+    image = registration.to_ants(np.ones((8, 8, 8), np.float32), np.eye(4))
+    with pytest.raises(ValueError, match="weight"):
+        registration.register(image, image, transform="rigid", channels=(registration.Channel(image, image, weight=1.0),))
+    with pytest.raises(ValueError, match="add up"):
+        registration.register(image, image, transform="rigid", channels=[registration.Channel(image, image, weight=0.6)] * 2)
+    with pytest.raises(ValueError, match="unknown stage"):
+        registration.register(image, image, transform="rigid",
+                              channels=(registration.Channel(image, image, stages=("bspline",)),))
+
+
+_PARENT = r"""
+import sys, threading, time
+import numpy as np
+from qsmflow import registration
+
+data = np.zeros((24, 24, 24), np.float32)
+data[6:18, 5:19, 7:17] = 1.0
+image = registration.to_ants(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+# A rigid stage that runs for minutes (no convergence test can stop it early).
+stages = {"rigid": {"iterations": (10**7,), "shrink_factors": (1,), "smoothing_sigmas": (0,),
+                    "convergence_threshold": 1e-30, "convergence_window": 10**6, "metric": "meansquares"}}
+threading.Thread(target=registration.register, args=(image, image),
+                 kwargs=dict(transform="rigid", stages=stages, threads=1, output_dir=sys.argv[1]), daemon=True).start()
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_ants_child_dies_with_its_parent(tmp_path):
+    """Kill a process in the middle of a registration: its antsRegistration child goes too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path)])
+    try:
+        child = None
+        deadline = time.monotonic() + 60
+        while child is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            children = set()
+            for task in os.listdir(f"/proc/{parent.pid}/task"):
+                with open(f"/proc/{parent.pid}/task/{task}/children") as handle:
+                    children |= {int(pid) for pid in handle.read().split()}
+            for pid in children:
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    if b"antsRegistration" in handle.read():
+                        child = pid
+        assert child is not None, "the registration child did not start"
+        time.sleep(1.0)
+        assert os.path.exists(f"/proc/{child}")
+    finally:
+        parent.kill()
+        parent.wait()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                return handle.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(child):  # the test's own clean-up; the assertion below reports the failure
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the antsRegistration child outlived its killed parent")
