@@ -167,6 +167,8 @@ RULES: dict[str, dict] = {
     "segmentation.registration.preset": choice("default", "fast"),
     "segmentation.registration.seed": whole(0, 2**31 - 1),
     "segmentation.registration.n_procs": whole(1, 64),
+    "segmentation.registration.susceptibility_weight": number(0, 0.9),
+    "segmentation.registration.susceptibility_stages": list_of(choice("rigid", "affine", "syn")),
     "segmentation.refine": list_of(choice("RN", "SN", "DN"), min_items=0),
     "roistats.erosion_mm": number(0, 10),
     # COSMOS (multi-orientation)

@@ -43,7 +43,8 @@ def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_fil
     susceptibility map, and measure every ROI.
 
     Workflow graph: atlas (built-in or the user's) → [T1w rigidly to the magnitude] → template
-    registration (rigid, affine, SyN) → subject labels (RN/SN/DN refined by contrast) →
+    registration (rigid, affine, SyN; with ``susceptibility_weight`` > 0 also the scan's chi
+    against the atlas' susceptibility prior) → subject labels (RN/SN/DN refined by contrast) →
     reference (needs the labels for ``reference.method: csf``) → ROI statistics, Chimap in
     template space → write derivatives (ROI table last).
 
@@ -118,7 +119,9 @@ def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_fil
         atlas.inputs.name = atlas_config["name"]
     threads = int(registration["n_procs"])
     register = pe.Node(RegisterTemplate(template_name=template_name, preset=registration["preset"],
-                                        stages=dict(registration["stages"]), seed=int(registration["seed"])),
+                                        stages=dict(registration["stages"]), seed=int(registration["seed"]),
+                                        susceptibility_weight=float(registration["susceptibility_weight"]),
+                                        susceptibility_stages=list(registration["susceptibility_stages"])),
                        name="register_template", mem_gb=3.0, n_procs=threads)
     labels = pe.Node(SubjectLabels(refine=list(segmentation["refine"])), name="subject_labels", mem_gb=1.0, n_procs=1)
     reference = pe.Node(ReferenceSusceptibility(method=config["reference"]["method"]), name="reference_chi",
@@ -167,7 +170,8 @@ def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_fil
     else:
         workflow.connect(inputnode, "magnitude", register, "target")
     workflow.connect([
-        (inputnode, register, [("brain_mask", "brain_mask")]),
+        (inputnode, register, [("brain_mask", "brain_mask"),
+                               *([("chi", "chi"), ("qsm_mask", "qsm_mask")] if registration["susceptibility_weight"] else [])]),
         (atlas, register, [("template", "template"), ("brain_mask", "template_brain_mask"), ("labels", "labels"),
                            ("table", "table")]),
         (register, labels, [("labels", "labels")]),

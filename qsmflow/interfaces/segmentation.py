@@ -145,6 +145,12 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     stages = traits.Dict(value={}, usedefault=True, desc="stage overrides of the preset")
     seed = traits.Int(20240601, usedefault=True)
     num_threads = traits.Int(1, usedefault=True, desc="ITK threads (set from the node's n_procs)")
+    chi = File(exists=True, desc="the scan's susceptibility map (any reference), for the susceptibility channel")
+    qsm_mask = File(exists=True, desc="where chi is valid")
+    susceptibility_weight = traits.Float(0.0, usedefault=True,
+                                         desc="share of the susceptibility channel in the metric (0: magnitude only)")
+    susceptibility_stages = traits.List(traits.Str, value=["syn"], usedefault=True,
+                                        desc="stages that use the susceptibility channel")
 
 
 class _RegisterOutputSpec(TraitedSpec):
@@ -169,15 +175,26 @@ class RegisterTemplate(SimpleInterface):
         mask = load_volume(self.inputs.brain_mask, dtype=np.uint8)[0] > 0
         atlas = _load_atlas(self.inputs.template, self.inputs.template_brain_mask, self.inputs.labels,
                             self.inputs.table, self.inputs.template_name)
+        chi = qsm_mask = None
+        if self.inputs.susceptibility_weight:
+            if not (isdefined(self.inputs.chi) and isdefined(self.inputs.qsm_mask)):
+                raise ValueError("segmentation.registration.susceptibility_weight > 0 needs the scan's chi and QSM mask")
+            chi = load_volume(self.inputs.chi)[0]
+            qsm_mask = load_volume(self.inputs.qsm_mask, dtype=np.uint8)[0] > 0
         labels, warped, result = segmentation.template_to_subject(
             target, mask, image.affine, atlas, preset=self.inputs.preset, stages=self.inputs.stages,
-            seed=self.inputs.seed, threads=self.inputs.num_threads, output_dir=Path("registration").resolve())
+            seed=self.inputs.seed, threads=self.inputs.num_threads, output_dir=Path("registration").resolve(),
+            chi=chi, qsm_mask=qsm_mask, susceptibility_weight=self.inputs.susceptibility_weight,
+            susceptibility_stages=tuple(self.inputs.susceptibility_stages))
         self._results["labels"] = save_like(labels, image, "atlas_labels.nii.gz", dtype=np.int16)
         self._results["warped_template"] = save_like(warped, image, "template_in_subject.nii.gz")
         self._results["forward_transform"] = result.forward[0]
         self._results["inverse_transform"] = result.inverse[0]
         self._results["provenance"] = {**result.provenance(), "Preset": self.inputs.preset,
-                                       "Template": self.inputs.template_name}
+                                       "Template": self.inputs.template_name,
+                                       **({"SusceptibilityPrior": "qsmflow.segmentation.susceptibility_prior "
+                                                                  "(atlas labels, PRIOR_CHI)"}
+                                          if self.inputs.susceptibility_weight else {})}
         return runtime
 
 

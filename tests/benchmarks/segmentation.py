@@ -45,21 +45,46 @@ def evaluate(atlas, subject, labels) -> tuple[dict, dict]:
     return ({k: float(np.mean(v)) for k, v in dices.items()}, {k: float(np.max(v)) for k, v in errors.items()})
 
 
-def end_to_end_errors(atlas, subject, labels, *, field_noise_ppm: float = 0.002, seed: int = 0) -> dict:
-    """ROI means of a reconstructed Chimap (estimated labels, CSF reference) minus the true ROI
-    means (true map, true labels), ppm. The local field is the dipole field of the subject's
+def reconstructed_chi(subject, *, field_noise_ppm: float = 0.002, seed: int = 0) -> np.ndarray:
+    """A reconstructed Chimap of the subject (not referenced): the dipole field of the subject's
     brain (no background field: the background-removal methods are compared by
     :func:`reference_spread`) plus Gaussian noise, inverted with the default method (TV-ADMM)."""
     from qsmflow.config import load_config, method_parameters, registry
     from qsmflow.recon.dipole import forward_field
-    from qsmflow.recon.inversion import reference_susceptibility
 
     config = load_config("default")
     voxel = tuple(np.sqrt((subject.affine[:3, :3] ** 2).sum(axis=0)))
     mask = subject.brain_mask
     local = forward_field(np.where(mask, subject.chi, 0).astype(np.float32), voxel, (0.0, 0.0, 1.0))
     local = np.where(mask, local + np.random.default_rng(seed).normal(0, field_noise_ppm, local.shape), 0).astype(np.float32)
-    chi = registry("inversion")[config["inversion"]["method"]](local, mask, voxel, **method_parameters(config, "inversion"))
+    return registry("inversion")[config["inversion"]["method"]](local, mask, voxel, **method_parameters(config, "inversion"))
+
+
+def side_dice(atlas, subject, labels) -> dict:
+    """Dice per ROI abbreviation: (left, right)."""
+    out = {}
+    for row in atlas.table:
+        out.setdefault(row.abbreviation, {})[row.hemisphere] = dice(labels == row.index, subject.labels == row.index)
+    return {k: (v.get("left", np.nan), v.get("right", np.nan)) for k, v in out.items()}
+
+
+def side_errors(atlas, subject, labels) -> dict:
+    """|ROI mean of the true map, estimated minus true labels| per ROI: (left, right), ppm."""
+    out = {}
+    for row in atlas.table:
+        estimated, true = labels == row.index, subject.labels == row.index
+        value = abs(float(subject.chi[estimated].mean() - subject.chi[true].mean())) if estimated.any() and true.any() else np.nan
+        out.setdefault(row.abbreviation, {})[row.hemisphere] = value
+    return {k: (v.get("left", np.nan), v.get("right", np.nan)) for k, v in out.items()}
+
+
+def end_to_end_errors(atlas, subject, labels, chi) -> dict:
+    """ROI means of a reconstructed Chimap (:func:`reconstructed_chi`; estimated labels, CSF
+    reference) minus the true ROI means (true map, true labels), ppm."""
+    from qsmflow.recon.inversion import reference_susceptibility
+
+    voxel = tuple(np.sqrt((subject.affine[:3, :3] ** 2).sum(axis=0)))
+    mask = subject.brain_mask
     region = segmentation.reference_region("csf", qsm_mask=mask, labels=labels, table=atlas.table, voxel_size=voxel)
     chi = reference_susceptibility(chi, mask, reference="mean", reference_mask=region)
     errors = {}
@@ -77,42 +102,59 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5])
     parser.add_argument("--seeds-1mm", type=int, nargs="+", default=[3], help="seeds at resolutions below 1.5 mm")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--end-to-end", action="store_true", help="also reconstruct a Chimap and compare ROI means")
+    parser.add_argument("--end-to-end", action="store_true", help="also compare ROI means of the reconstructed Chimap")
+    parser.add_argument("--susceptibility-weights", type=float, nargs="+", default=[None],
+                        help="weights of the susceptibility channel (reconstructed Chimap against the atlas' "
+                             "susceptibility prior) to compare; default: the configured default")
+    parser.add_argument("--susceptibility-stages", nargs="+", default=None,
+                        help="stages using the susceptibility channel (default: the configured default)")
     arguments = parser.parse_args(argv)
 
-    print(f"load average before: {os.getloadavg()}")
+    from qsmflow.config import load_config
+
+    defaults = load_config("default")["segmentation"]["registration"]
+    weights = [defaults["susceptibility_weight"] if w is None else w for w in arguments.susceptibility_weights]
+    chi_stages = tuple(arguments.susceptibility_stages or defaults["susceptibility_stages"])
+    print(f"load average before: {os.getloadavg()}; susceptibility channel in stages {chi_stages}")
     atlas = segmentation.default_atlas()
-    header = f"{'mm':>4} {'preset':8} {'seed':>4} {'time s':>7} " + " ".join(f"{r:>5}" for r in ROIS) + "  max|dmean| ppm (ROI)"
+    header = f"{'mm':>4} {'preset':8} {'chi w':>5} {'seed':>4} {'time s':>7} " + " ".join(f"{r:>5}" for r in ROIS) + "  max|dmean| ppm (ROI)"
     print(header)
     summary = {}
     for resolution in arguments.resolutions:
         seeds = arguments.seeds if resolution >= 1.5 else arguments.seeds_1mm
-        for preset in arguments.presets:
-            for seed in seeds:
-                subject = simulate.template_subject(atlas, voxel_size=(resolution,) * 3, seed=seed)
-                with tempfile.TemporaryDirectory() as scratch:
-                    start = time.perf_counter()
-                    labels, _, _ = segmentation.template_to_subject(subject.magnitude, subject.brain_mask, subject.affine,
-                                                                    atlas, preset=preset, threads=arguments.threads,
-                                                                    output_dir=scratch)
-                    elapsed = time.perf_counter() - start
-                dices, errors = evaluate(atlas, subject, labels)
-                worst = max(errors, key=errors.get)
-                summary.setdefault((resolution, preset), []).append((elapsed, dices, errors))
-                print(f"{resolution:4g} {preset:8} {seed:4d} {elapsed:7.1f} " + " ".join(f"{dices[r]:5.2f}" for r in ROIS)
-                      + f"  {errors[worst]:.4f} ({worst})", flush=True)
-                if arguments.end_to_end:
-                    reconstructed = end_to_end_errors(atlas, subject, labels, seed=seed)
-                    print("     end to end (Chimap ROI mean - true ROI mean, ppm): "
-                          + " ".join(f"{roi}={reconstructed[roi]:+.4f}" for roi in ROIS if roi in reconstructed), flush=True)
+        for seed in seeds:
+            subject = simulate.template_subject(atlas, voxel_size=(resolution,) * 3, seed=seed)
+            chi = reconstructed_chi(subject, seed=seed) if (arguments.end_to_end or any(weights)) else None
+            for preset in arguments.presets:
+                for weight in weights:
+                    with tempfile.TemporaryDirectory() as scratch:
+                        start = time.perf_counter()
+                        labels, _, _ = segmentation.template_to_subject(
+                            subject.magnitude, subject.brain_mask, subject.affine, atlas, preset=preset,
+                            threads=arguments.threads, output_dir=scratch, chi=chi, qsm_mask=subject.brain_mask,
+                            susceptibility_weight=weight, susceptibility_stages=chi_stages)
+                        elapsed = time.perf_counter() - start
+                    dices, errors = evaluate(atlas, subject, labels)
+                    worst = max(errors, key=errors.get)
+                    summary.setdefault((resolution, preset, weight), []).append((elapsed, dices, errors))
+                    print(f"{resolution:4g} {preset:8} {weight:5.2f} {seed:4d} {elapsed:7.1f} "
+                          + " ".join(f"{dices[r]:5.2f}" for r in ROIS) + f"  {errors[worst]:.4f} ({worst})", flush=True)
+                    print("     Dice L/R " + " ".join(f"{r}={sides[r][0]:.2f}/{sides[r][1]:.2f}" for r in ("CN", "PU", "GP", "TH")
+                                                      for sides in [side_dice(atlas, subject, labels)])
+                          + "; |dmean| L/R " + " ".join(f"{r}={e[0]:.4f}/{e[1]:.4f}" for r in ("CN", "PU", "GP", "TH")
+                                                         for e in [side_errors(atlas, subject, labels)[r]]), flush=True)
+                    if arguments.end_to_end:
+                        reconstructed = end_to_end_errors(atlas, subject, labels, chi)
+                        print("     end to end (Chimap ROI mean - true ROI mean, ppm): "
+                              + " ".join(f"{roi}={reconstructed[roi]:+.4f}" for roi in ROIS if roi in reconstructed), flush=True)
     print("\nmedians over seeds")
     print(header)
-    for (resolution, preset), runs in summary.items():
+    for (resolution, preset, weight), runs in summary.items():
         times = [r[0] for r in runs]
         medians = {roi: float(np.median([r[1][roi] for r in runs])) for roi in ROIS}
         worst = {roi: float(np.max([r[2].get(roi, np.nan) for r in runs])) for roi in ROIS}
         deep = {roi: worst[roi] for roi in ("CN", "PU", "GP", "TH")}
-        print(f"{resolution:4g} {preset:8} {'all':>4} {np.median(times):7.1f} " + " ".join(f"{medians[r]:5.2f}" for r in ROIS)
+        print(f"{resolution:4g} {preset:8} {weight:5.2f} {'all':>4} {np.median(times):7.1f} " + " ".join(f"{medians[r]:5.2f}" for r in ROIS)
               + f"  CN/PU/GP/TH worst {max(deep.values()):.4f}")
     print(f"load average after: {os.getloadavg()}")
 
