@@ -381,8 +381,9 @@ def run_level(level: str, bids_dir: Path, output_dir: Path, *, participant_label
             os.environ.pop(name, None)
 
 
-#: The demo's acquisition grid: the simulator's head at 3 mm, so that a lifespan cohort goes
-#: through the participant and group levels in minutes on a laptop.
+#: The demo's acquisition grid: heads made from the MNI template at 3 mm
+#: (:func:`qsmflow.simulate.template_acquisition`), so that a lifespan cohort goes through the
+#: participant and group levels in minutes on a laptop.
 DEMO_GRID = {"shape": (60, 72, 60), "voxel_size": (3.0, 3.0, 3.0)}
 
 
@@ -396,9 +397,9 @@ def run_demo(output_dir: Path, *, subjects: int, config: dict, work_dir: Path | 
     bids_dir = output_dir / "bids"
     derivatives = output_dir / "derivatives" / "qsmflow"
     if not (bids_dir / "dataset_description.json").exists():
-        LOGGER.info("simulating %d subjects in %s (%s voxels of %g mm)", subjects, bids_dir,
+        LOGGER.info("simulating %d subjects made from the MNI template in %s (%s voxels of %g mm)", subjects, bids_dir,
                     "x".join(map(str, DEMO_GRID["shape"])), DEMO_GRID["voxel_size"][0])
-        simulate.write_bids_dataset(bids_dir, simulate.lifespan_demo_cohort(subjects), **DEMO_GRID)
+        simulate.write_bids_dataset(bids_dir, simulate.lifespan_demo_cohort(subjects), anatomy="template", **DEMO_GRID)
     if not config["segmentation"]["enabled"]:  # the group level needs every scan's ROI table
         LOGGER.info("demo: segmentation enabled (ROI tables for the group level)")
         config = {**config, "segmentation": {**config["segmentation"], "enabled": True}}

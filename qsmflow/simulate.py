@@ -1048,6 +1048,8 @@ def write_bids_dataset(
     sessions=None,
     air_chi: float = DEFAULT_AIR_CHI,
     shim_order: int | None = 1,
+    anatomy: str = "phantom",
+    atlas=None,
 ) -> Path:
     """Simulate subjects and write them as a raw BIDS dataset with ground-truth derivatives.
 
@@ -1083,11 +1085,21 @@ def write_bids_dataset(
         Session labels given to every subject (same age; new noise and phase offset per session).
     air_chi, shim_order
         See :func:`brain_phantom` and :func:`simulate_field`.
+    anatomy : {"phantom", "template"}
+        ``phantom``: :func:`brain_phantom` on the acquisition grid; ``template``: the MNI template's
+        own anatomy (:func:`template_acquisition` of ``atlas``, default
+        :func:`qsmflow.segmentation.default_atlas`), whose truth labels are the atlas' (left/right).
 
     Returns
     -------
     Path of ``root``.
     """
+    if anatomy not in ("phantom", "template"):
+        raise ValueError(f"anatomy must be 'phantom' or 'template', got {anatomy!r}")
+    if anatomy == "template" and atlas is None:
+        from .segmentation import default_atlas
+
+        atlas = default_atlas()
     root = Path(root)
     specs = _normalise_subjects(subjects, sessions)
     echo_times = tuple(float(t) for t in echo_times)
@@ -1133,11 +1145,20 @@ def write_bids_dataset(
             _write_tsv(subject_dir / f"sub-{spec['label']}_sessions.tsv", ["session_id", "age"],
                        [[f"ses-{k}", f"{v:g}"] for k, v in spec["sessions"].items()])
         for session_index, (session, age) in enumerate(spec["sessions"].items()):
-            phantom = brain_phantom(shape, voxel_size, age_years=age, seed=spec["seed"], air_chi=air_chi)
-            fields = simulate_field(phantom, b0_direction=direction, shim_order=shim_order)
-            magnitude, phase = simulate_multi_echo(
-                phantom, echo_times=echo_times, field_strength=field_strength, b0_direction=direction,
-                snr=snr, seed=spec["seed"] + 7919 * (session_index + 1), field_ppm=fields.total)
+            noise_seed = spec["seed"] + 7919 * (session_index + 1)
+            if anatomy == "template":
+                acquisition = template_acquisition(
+                    atlas, age=age, seed=spec["seed"], shape=shape, voxel_size=voxel_size, echo_times=echo_times,
+                    field_strength=field_strength, b0_direction=direction, snr=snr, noise_seed=noise_seed,
+                    air_chi=air_chi, shim_order=shim_order)
+                phantom, fields = acquisition.truth, acquisition.fields
+                magnitude, phase = acquisition.magnitude, acquisition.phase
+            else:
+                phantom = brain_phantom(shape, voxel_size, age_years=age, seed=spec["seed"], air_chi=air_chi)
+                fields = simulate_field(phantom, b0_direction=direction, shim_order=shim_order)
+                magnitude, phase = simulate_multi_echo(
+                    phantom, echo_times=echo_times, field_strength=field_strength, b0_direction=direction,
+                    snr=snr, seed=noise_seed, field_ppm=fields.total)
             relative = Path(f"sub-{spec['label']}") / (f"ses-{session}" if session else "") / "anat"
             stem = f"sub-{spec['label']}" + (f"_ses-{session}" if session else "")
             anat = root / relative
@@ -1175,15 +1196,26 @@ def write_bids_dataset(
                     **sidecar, "AgeYears": age, "Seed": spec["seed"], "B0Direction": direction.tolist(),
                     "MagneticFieldStrength": float(field_strength), "AirSusceptibility": phantom.air_chi,
                 })
-            _write_tsv(truth / f"{stem}_dseg.tsv", ["index", "name", "abbreviation", "kind"],
-                       [[r.index, r.name, r.abbreviation, r.kind] for r in ROI_LABELS])
             voxel_volume = float(np.prod(voxel_size))
             rows = []
-            for roi in ROI_LABELS:
-                count = int(np.count_nonzero(phantom.labels == roi.index))
-                rows.append([roi.abbreviation, count, f"{count * voxel_volume:g}",
-                             f"{phantom.roi_chi[roi.abbreviation]:.6f}",
-                             f"{true_susceptibility(roi.abbreviation, age):.6f}"])
+            if anatomy == "template":
+                _write_tsv(truth / f"{stem}_dseg.tsv", ["index", "name", "abbreviation", "hemisphere", "kind"],
+                           [[r.index, r.name, r.abbreviation, r.hemisphere, r.kind] for r in atlas.table])
+                for row in atlas.table:
+                    if row.abbreviation not in TRUE_TRAJECTORIES:
+                        continue
+                    count = int(np.count_nonzero(phantom.labels == row.index))
+                    rows.append([f"{row.abbreviation}_{row.hemisphere[0].upper()}", count, f"{count * voxel_volume:g}",
+                                 f"{phantom.roi_chi[row.abbreviation]:.6f}",
+                                 f"{true_susceptibility(row.abbreviation, age):.6f}"])
+            else:
+                _write_tsv(truth / f"{stem}_dseg.tsv", ["index", "name", "abbreviation", "kind"],
+                           [[r.index, r.name, r.abbreviation, r.kind] for r in ROI_LABELS])
+                for roi in ROI_LABELS:
+                    count = int(np.count_nonzero(phantom.labels == roi.index))
+                    rows.append([roi.abbreviation, count, f"{count * voxel_volume:g}",
+                                 f"{phantom.roi_chi[roi.abbreviation]:.6f}",
+                                 f"{true_susceptibility(roi.abbreviation, age):.6f}"])
             _write_tsv(truth / f"{stem}_desc-truth_roistats.tsv",
                        ["name", "voxels", "volume", "mean", "trajectory"], rows)
     return root
@@ -1630,6 +1662,116 @@ def template_subject(atlas, *, voxel_size=(2.0, 2.0, 2.0), age: float = 40.0, se
                           for signal in signals], axis=-1).astype(np.float32)
     return TemplateSubject(magnitude=magnitude, chi=chi, labels=labels, brain_mask=brain_mask, affine=affine,
                            deformation=warp, roi_chi=roi_chi, age=float(age))
+
+
+def template_acquisition(atlas, *, age: float, seed: int = 0, shape=(60, 72, 60), voxel_size=(3.0, 3.0, 3.0),
+                         supersampling: int = 2, echo_times=DEFAULT_ECHO_TIMES, field_strength: float = 3.0,
+                         b0_direction=(0.0, 0.0, 1.0), snr: float = 100.0, noise_seed: int | None = None,
+                         air_chi: float = DEFAULT_AIR_CHI, bone_chi: float = DEFAULT_BONE_CHI,
+                         skull_mm: float = 8.0, shim_order: int | None = 1, nonlinear_rms_mm: float = 3.5,
+                         bias_amplitude: float = 0.2) -> Acquisition:
+    """Multi-echo GRE of a subject made from the MNI template, sized for its age (the demo's lifespan cohort).
+
+    The brain is :func:`template_subject` of ``atlas`` at ``age`` (every ROI label at its
+    :data:`TRUE_TRAJECTORIES` value, white matter on the background trajectory, CSF 0; deformed by
+    a :func:`random_deformation` seeded by ``seed``, so that a subject's sessions share one anatomy),
+    simulated noise-free on a grid ``supersampling`` times finer than the acquisition. Its linear
+    size is :func:`head_size_for_age` of the adult template's: the fine voxel is declared
+    ``voxel_size / supersampling`` although the brain was sampled at that size divided by the
+    head-size factor. The brain sits centred in the grid inside a skull shell of ``skull_mm``
+    (``bone_chi``, no signal) surrounded by air (``air_chi``; by default both scaled by
+    :data:`BACKGROUND_SCALE`, as the demo's phantom), above a neck that continues the brainstem
+    (susceptibility 0, no signal). The field of the whole head
+    (:func:`simulate_field`, shim of ``shim_order`` over the brain) and the complex signal are
+    computed on the fine grid and averaged over each acquisition voxel; the smooth phase offset
+    and complex Gaussian noise (mean brain first-echo signal / ``snr``, seeded by ``noise_seed``)
+    are added on the acquisition grid, as in :func:`simulate_acquisition`.
+
+    Returns
+    -------
+    Acquisition
+        ``truth`` on the acquisition grid: ``chi`` (ppm rel. CSF, 0 outside the brain),
+        ``brain_mask``, ``labels`` (``atlas`` label values by majority of sub-voxels),
+        ``m0`` (noise-free first-echo signal), ``r2star`` (1/s, from the noise-free first two
+        echoes), ``tissues`` (0 air, 2 neck, 3 skull, 7 brain), ``roi_chi`` (abbreviation -> true value).
+    """
+    factor = int(supersampling)
+    if factor != supersampling or factor < 1:
+        raise ValueError(f"supersampling must be a positive integer, got {supersampling!r}")
+    shape = tuple(int(n) for n in shape)
+    voxel_size = tuple(float(v) for v in voxel_size)
+    echo_times = tuple(float(t) for t in np.atleast_1d(echo_times))
+    if len(echo_times) < 2:
+        raise ValueError("template_acquisition needs at least two echo times (R2* of the truth)")
+    direction = tuple(float(v) for v in _normalised_direction(b0_direction))
+    fine_shape = tuple(n * factor for n in shape)
+    fine_voxel = tuple(v / factor for v in voxel_size)
+    scale = head_size_for_age(age)
+    subject = template_subject(atlas, voxel_size=tuple(v / scale for v in fine_voxel), age=age, seed=seed,
+                               nonlinear_rms_mm=nonlinear_rms_mm, bias_amplitude=bias_amplitude, snr=np.inf,
+                               echo_times=echo_times)
+    if any(n > m for n, m in zip(subject.chi.shape, fine_shape)):
+        raise ValueError(f"the grid {shape} of {voxel_size} mm is too small for the template head at age {age} "
+                         f"(needs {[int(np.ceil(n / factor)) for n in subject.chi.shape]} voxels)")
+    start = [(m - n) // 2 for n, m in zip(subject.chi.shape, fine_shape)]
+    window = tuple(slice(s, s + n) for s, n in zip(start, subject.chi.shape))
+
+    def placed(array, dtype):
+        out = np.zeros(fine_shape + array.shape[3:], dtype=dtype)
+        out[window] = array
+        return out
+
+    brain = placed(subject.brain_mask, bool)
+    labels = placed(subject.labels, np.int16)
+    signal = placed(subject.magnitude, np.float32)
+    # The skull: voxels within skull_mm of the brain (chamfer-like steps of the 18-neighbourhood).
+    steps = max(1, int(round(skull_mm / min(fine_voxel))))
+    skull = ndimage.binary_dilation(brain, structure=ndimage.generate_binary_structure(3, 2), iterations=steps) & ~brain
+    # The neck: the brain's lowest slice extended to the bottom of the grid, as soft tissue (chi 0, no
+    # signal), so that the cut through the brainstem is no surface source of field.
+    lowest = int(np.nonzero(brain.any(axis=(0, 1)))[0][0])
+    neck = np.zeros_like(brain)
+    neck[:, :, :lowest] = brain[:, :, lowest:lowest + 1]
+    skull &= ~neck
+    chi = np.where(brain | neck, placed(subject.chi, np.float32), np.float32(air_chi))
+    chi[neck] = 0.0
+    chi[skull] = bone_chi
+    tissues = np.select([brain, skull, neck], [np.int8(7), np.int8(3), np.int8(2)], np.int8(0)).astype(np.int8)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2star = np.where(signal[..., 1] > 0, np.log(signal[..., 0] / signal[..., 1]) / (echo_times[1] - echo_times[0]),
+                          0.0).astype(np.float32)
+    names = {row.index: row.abbreviation for row in atlas.table}
+    fine = Phantom(chi=chi.astype(np.float32), brain_mask=brain, head_mask=brain | skull | neck, labels=labels,
+                   label_names=names, m0=signal[..., 0], r2star=r2star, tissues=tissues, voxel_size=fine_voxel,
+                   age_years=float(age), seed=int(seed), air_chi=float(air_chi),
+                   roi_chi={names[k]: v for k, v in subject.roi_chi.items()}, anatomy_scale=scale)
+    fine_fields = simulate_field(fine, b0_direction=direction, shim_order=shim_order, padding=max(fine_shape) // 4)
+    field_hz = ppm_to_hz(fine_fields.total, field_strength).astype(np.float32)
+    truth = Phantom(
+        chi=_block_mean(np.where(brain, fine.chi, np.float32(0.0)), factor),
+        brain_mask=_block_mean(brain.astype(np.float32), factor) >= 0.5,
+        head_mask=_block_mean(fine.head_mask.astype(np.float32), factor) >= 0.5,
+        labels=_block_majority(labels, factor), label_names=names, m0=_block_mean(fine.m0, factor),
+        r2star=_block_mean(r2star, factor), tissues=_block_majority(tissues, factor), voxel_size=voxel_size,
+        age_years=float(age), seed=int(seed), air_chi=float(air_chi), roi_chi=dict(fine.roi_chi), anatomy_scale=scale)
+    fields = FieldMaps(*(_block_mean(f, factor) for f in (fine_fields.total, fine_fields.local, fine_fields.background)))
+
+    rng = np.random.default_rng(seed if noise_seed is None else noise_seed)
+    offset = _phase_offset(shape, rng)
+    sigma = float(truth.m0[truth.brain_mask].mean()) / snr if np.isfinite(snr) else 0.0
+    magnitude = np.empty(shape + (len(echo_times),), dtype=np.float32)
+    phase = np.empty_like(magnitude)
+    for echo, te in enumerate(echo_times):
+        fine_signal = signal[..., echo] * np.exp(1j * (np.float32(2.0 * np.pi * te) * field_hz)).astype(np.complex64)
+        coarse = _block_mean(fine_signal, factor) * np.exp(1j * offset).astype(np.complex64)
+        del fine_signal
+        if sigma:
+            noise = rng.standard_normal((2,) + shape, dtype=np.float32) * np.float32(sigma)
+            coarse += noise[0] + 1j * noise[1]
+        magnitude[..., echo] = np.abs(coarse)
+        phase[..., echo] = wrap_phase(np.angle(coarse))
+    return Acquisition(magnitude=magnitude, phase=phase, truth=truth, fields=fields, echo_times=echo_times,
+                       field_strength=float(field_strength), b0_direction=direction, supersampling=factor)
 
 
 def split_hemispheres(labels, affine) -> np.ndarray:
