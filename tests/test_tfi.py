@@ -45,7 +45,8 @@ def test_tfi_recovers_the_tissue_from_the_total_field(head):
     assert estimate.dtype == np.float32 and not estimate[~mask].any()
     error = nrmse(estimate, chi, mask)
     nucleus = chi > 0.15
-    assert error < 40, f"NRMSE {error:.1f} %"  # measured 33.7 % (PDF + weighted TV: 33.5 %)
+    print(f"TFI NRMSE {error:.1f} %")
+    assert error < 25, f"NRMSE {error:.1f} %"  # measured 17.5 % (PDF + weighted TV: 33.5 %; 8 x 20 iterations: 33.7 %)
     ignored = inversion.weighted_tv(head["total"], mask, VOXEL)  # the background taken for tissue
     assert error < 0.1 * nrmse(ignored, chi, mask)  # measured 34 vs 719 %
     assert estimate[nucleus].mean() - estimate[mask].mean() > 0.5 * (chi[nucleus].mean() - chi[mask].mean())
@@ -55,7 +56,10 @@ def test_tfi_preconditioner_helps_with_a_strong_background(head):
     mask, chi = head["mask"], head["chi"]
     preconditioned = nrmse(inversion.total_field_inversion(head["total"], mask, VOXEL), chi, mask)
     plain = nrmse(inversion.total_field_inversion(head["total"], mask, VOXEL, preconditioner=1.0), chi, mask)
-    assert preconditioned < 0.2 * plain  # measured 34 vs 330 %: without it the air's field stays in the tissue
+    print(f"preconditioned {preconditioned:.1f} %, plain {plain:.1f} %")
+    # measured 17.5 vs 29.5 % (8 x 20 iterations: 34 vs 330 %): without it more of the air's field stays
+    # in the tissue, and far more with fewer iterations
+    assert preconditioned < 0.7 * plain
 
 
 @pytest.mark.parametrize("kwargs", [{"preconditioner": 0.0}, {"regularization": -1.0}, {"iterations": 0},

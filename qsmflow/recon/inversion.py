@@ -533,7 +533,7 @@ def _divergence_adjoint(components, voxel_size):
 
 
 def total_field_inversion(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), regularization=2e-4,
-                          preconditioner=10.0, padding=12, iterations=8, cg_iterations=20, epsilon=1e-6,
+                          preconditioner=10.0, padding=12, iterations=45, cg_iterations=30, epsilon=1e-6,
                           data_weight=None, gradient_weight=None):
     """Preconditioned total field inversion (TFI): susceptibility straight from the total field.
 
@@ -589,14 +589,17 @@ def total_field_inversion(total_field, mask, voxel_size, *, b0_direction=(0.0, 0
 
     Notes
     -----
-    Measured, this implementation does not beat the two-step chains. On the head of
-    ``tests/test_tfi.py`` (background 20 times the tissue field) NRMSE 34 %, as PDF +
-    :func:`weighted_tv` (33.5 %); from raw phase (``tests/benchmarks/algorithms.py --evidence``)
-    81-102 % on four poses of the supersampled phantom
-    (:func:`qsmflow.simulate.simulate_acquisition`) against 67-79 % for the ``accurate`` preset,
-    and 35 % against 11 % on qsm-forward 3 T: with the field known only inside the brain, the
-    strong sources outside it are held by the preconditioner and the iteration count alone.
-    It is offered for comparison, not as a preset.
+    The iteration counts were chosen by a sweep from raw phase (the ``accurate`` preset's chain with
+    ``inversion.method=tfi``; supersampled phantom of ``tests/benchmarks/algorithms.py --audit``,
+    seed 5 straight / seed 6 tilted 21 degrees, and qsm-forward 3 T): 8 x 20 iterations gave
+    59.7 / 79.8 / 33.6 % NRMSE, 20 x 30 45.3 / 62.4 / 23.1 %, 30 x 30 44.1 / 58.6 / 18.0 %,
+    45 x 30 44.3 / 55.9 / 12.4 %; the two-step ``accurate`` chain scores 67.4 / 73.4 / 11.1 %.
+    Preconditioner 10 beat 3, 6, 15 and 30 (the paper's; it hands tissue field to the outside
+    sources), regularisation 2e-4 beat 1e-4, 5e-4 and 1e-3, and the echo-fit noise weight did
+    not help. With the field known only inside the brain, a smooth tissue field (a large uniform
+    white-matter block) can still be explained by sources outside the mask: from the true total
+    field the phantom stops at about 40 %.
+    It beats the two-step chains on the phantom's poses but not on qsm-forward, so it is not a preset.
     """
     field, mask, voxel_size, b0_direction = validated_field_inputs(total_field, mask, voxel_size, b0_direction,
                                                                    "total_field")
