@@ -752,6 +752,30 @@ def _block_majority(labels: np.ndarray, factor: int) -> np.ndarray:
     return result
 
 
+def _supersampled_echoes(fine_magnitude, field_hz, echo_times, factor: int, *, offset, sigma: float, rng):
+    """Magnitude and wrapped phase on the acquisition grid from a supersampled signal.
+
+    For each echo the complex signal ``fine_magnitude(echo, te) * exp(i 2 pi te field_hz)`` is
+    formed on the fine grid and averaged over blocks of ``factor**3`` voxels (intravoxel
+    dephasing), then the phase offset and complex Gaussian noise of SD ``sigma`` (none if 0)
+    are added on the acquisition grid. Returns float32 arrays with echoes last.
+    """
+    shape = offset.shape
+    magnitude = np.empty(shape + (len(echo_times),), dtype=np.float32)
+    phase = np.empty_like(magnitude)
+    for echo, te in enumerate(echo_times):
+        fine_signal = fine_magnitude(echo, te) * np.exp(
+            1j * (np.float32(2.0 * np.pi * te) * field_hz)).astype(np.complex64)
+        signal = _block_mean(fine_signal, factor) * np.exp(1j * offset).astype(np.complex64)
+        del fine_signal
+        if sigma:
+            noise = rng.standard_normal((2,) + shape, dtype=np.float32) * np.float32(sigma)
+            signal += noise[0] + 1j * noise[1]
+        magnitude[..., echo] = np.abs(signal)
+        phase[..., echo] = wrap_phase(np.angle(signal))
+    return magnitude, phase
+
+
 def simulate_acquisition(
     shape=DEFAULT_SHAPE,
     voxel_size=DEFAULT_VOXEL_SIZE,
@@ -853,18 +877,9 @@ def simulate_acquisition(
     rng = np.random.default_rng(seed)
     offset = _phase_offset(shape, rng) if phase_offset else np.zeros(shape, np.float32)
     sigma = float(truth.m0[truth.brain_mask].mean()) / snr if np.isfinite(snr) else 0.0
-    magnitude = np.empty(shape + (echo_times.size,), dtype=np.float32)
-    phase = np.empty_like(magnitude)
-    for echo, te in enumerate(echo_times):
-        fine_signal = (fine.m0 * np.exp(-fine.r2star * np.float32(te))) * np.exp(
-            1j * (np.float32(2.0 * np.pi * te) * field_hz)).astype(np.complex64)
-        signal = _block_mean(fine_signal, factor) * np.exp(1j * offset).astype(np.complex64)
-        del fine_signal
-        if sigma:
-            noise = rng.standard_normal((2,) + shape, dtype=np.float32) * np.float32(sigma)
-            signal += noise[0] + 1j * noise[1]
-        magnitude[..., echo] = np.abs(signal)
-        phase[..., echo] = wrap_phase(np.angle(signal))
+    magnitude, phase = _supersampled_echoes(
+        lambda echo, te: fine.m0 * np.exp(-fine.r2star * np.float32(te)), field_hz, echo_times, factor,
+        offset=offset, sigma=sigma, rng=rng)
     return Acquisition(magnitude=magnitude, phase=phase, truth=truth, fields=fields,
                        echo_times=tuple(float(t) for t in echo_times), field_strength=float(field_strength),
                        b0_direction=direction, supersampling=factor)
@@ -1759,17 +1774,8 @@ def template_acquisition(atlas, *, age: float, seed: int = 0, shape=(60, 72, 60)
     rng = np.random.default_rng(seed if noise_seed is None else noise_seed)
     offset = _phase_offset(shape, rng)
     sigma = float(truth.m0[truth.brain_mask].mean()) / snr if np.isfinite(snr) else 0.0
-    magnitude = np.empty(shape + (len(echo_times),), dtype=np.float32)
-    phase = np.empty_like(magnitude)
-    for echo, te in enumerate(echo_times):
-        fine_signal = signal[..., echo] * np.exp(1j * (np.float32(2.0 * np.pi * te) * field_hz)).astype(np.complex64)
-        coarse = _block_mean(fine_signal, factor) * np.exp(1j * offset).astype(np.complex64)
-        del fine_signal
-        if sigma:
-            noise = rng.standard_normal((2,) + shape, dtype=np.float32) * np.float32(sigma)
-            coarse += noise[0] + 1j * noise[1]
-        magnitude[..., echo] = np.abs(coarse)
-        phase[..., echo] = wrap_phase(np.angle(coarse))
+    magnitude, phase = _supersampled_echoes(lambda echo, te: signal[..., echo], field_hz, echo_times, factor,
+                                            offset=offset, sigma=sigma, rng=rng)
     return Acquisition(magnitude=magnitude, phase=phase, truth=truth, fields=fields, echo_times=echo_times,
                        field_strength=float(field_strength), b0_direction=direction, supersampling=factor)
 
