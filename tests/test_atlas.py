@@ -167,6 +167,35 @@ def test_delineate_nuclei_follows_the_contrast_within_the_prior():
     assert np.array_equal(flat, labels)
 
 
+def test_delineate_nuclei_places_the_edge_half_way_to_each_neighbour():
+    """A blurred caudate-like nucleus (0.06 ppm) beside a ventricle (0 ppm) in white matter
+    (-0.03 ppm): one threshold from the surroundings' median lies below the ventricle's
+    half-way value, so the nucleus grows into the ventricle; the local threshold does not."""
+    from scipy import ndimage
+
+    shape = (32, 32, 32)
+    g = np.indices(shape)
+    ventricle = (g[0] >= 8) & (g[0] < 16) & (abs(g[1] - 16) < 8) & (abs(g[2] - 16) < 8)
+    nucleus = (g[0] >= 16) & (g[0] < 20) & (abs(g[1] - 16) < 5) & (abs(g[2] - 16) < 5)
+    chi = np.full(shape, -0.03, np.float32)
+    chi[ventricle] = 0.0
+    chi[nucleus] = 0.06
+    chi = ndimage.gaussian_filter(chi, 1.0)
+    labels = np.where(ventricle, 30, 50).astype(np.int32)
+    labels[ndimage.binary_dilation(nucleus)] = 103  # prior one voxel too large all round
+    scores = {}
+    for surroundings in ("median", "local"):
+        redrawn, report = atlas.delineate_nuclei(chi, labels, {"CN": [103]}, voxel_size=(2.0,) * 3,
+                                                 surroundings=surroundings)
+        drawn = redrawn == 103
+        assert report[103]["method"] == "contrast"
+        scores[surroundings] = (2 * (drawn & nucleus).sum() / (drawn.sum() + nucleus.sum()), (drawn & ventricle).sum())
+    assert scores["local"][0] > 0.9 and scores["local"][0] > scores["median"][0] + 0.05
+    assert scores["local"][1] < 0.5 * scores["median"][1]
+    with pytest.raises(ValueError):
+        atlas.delineate_nuclei(chi, labels, {"CN": [103]}, surroundings="mean")
+
+
 def test_roi_susceptibility_and_masked_correlation():
     chi = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
     labels = np.array([[[1, 1], [2, 2]], [[0, 0], [0, 3]]])

@@ -268,6 +268,8 @@ class _ParcellateInputSpec(BaseInterfaceInputSpec):
     nucleus_labels = traits.Dict(mandatory=True, desc="nucleus -> label values redrawn from the chi contrast")
     stages = traits.Dict(value={}, usedefault=True)
     min_contrast = traits.Float(0.02, usedefault=True)
+    surroundings = traits.Enum("local", "median", usedefault=True,
+                               desc="threshold of the redrawn nuclei (qsmflow.atlas.delineate_nuclei)")
     threads = traits.Int(1, usedefault=True)
 
 
@@ -292,7 +294,7 @@ class Parcellate(SimpleInterface):
                             {k: [int(v) for v in values] for k, values in self.inputs.nucleus_labels.items()},
                             Path.cwd(), template_mask=_read(self.inputs.template_mask) if isdefined(
                                 self.inputs.template_mask) else None, stages=self.inputs.stages or None, threads=self.inputs.threads,
-                            min_contrast=self.inputs.min_contrast)
+                            min_contrast=self.inputs.min_contrast, surroundings=self.inputs.surroundings)
         self._results["dseg"] = _write(result["labels"], "dseg.nii.gz")
         self._results["carried"] = _write(result["carried"], "carried_dseg.nii.gz")
         methods = {int(value): entry["method"] for value, entry in result["report"].items()}

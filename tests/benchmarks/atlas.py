@@ -8,7 +8,20 @@ with age (smaller children), whose ventricles widen after 30, deformed by a know
 affine + smooth warp (3 mm RMS), with noise on chi (0.01 ppm) and on the magnitude (SNR 50).
 The labelled template (the stand-in for the MNI atlas, which does not match the phantom's
 anatomy) is the nominal adult phantom at 40 years. Four held-out subjects (3, 5, 74, 82 years)
-are segmented with their band template and with the labelled template.
+are segmented with the band template nearest their age and with the labelled template, with the
+participant level's default registration (preset and susceptibility channel) and with the fast
+preset on the magnitude alone.
+
+Contrast of the nuclei (GP minus the white matter around it: WM within 6 mm of GP and at least
+one voxel from GP, PU, TH, CN, other nuclei and CSF, medians): measured on the band template and
+on the truth on the same grid -- the subjects' true chi (no noise, no point-spread) carried into
+the template by the same composed transforms and averaged -- both with the same masks (the
+majority of the subjects' true tissue classes carried into the template). Also printed: each
+subject's own true chi, noise-free input and input measured in its own space with its own true
+classes (the first is the generating values on the grid; the second what the acquisition's
+point-spread leaves).
+
+    python tests/benchmarks/atlas.py --voxel 3 --evaluate-only --work DIR   # re-evaluate a built run
 """
 from __future__ import annotations
 
@@ -58,6 +71,12 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--step-two-iterations", type=int, default=2)
     parser.add_argument("--work", default=None)
+    parser.add_argument("--no-rerun", action="store_true",
+                        help="skip the rerun after adding one subject (runtime of the first build only)")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="evaluate the outputs already built in --work (no registration is rerun)")
+    parser.add_argument("--no-held-out", action="store_true",
+                        help="skip the age-matched segmentation of the held-out subjects (16 registrations)")
     args = parser.parse_args(argv)
     os.environ.setdefault("QSMFLOW_FFT_WORKERS", "1")
 
@@ -84,6 +103,16 @@ def main(argv=None) -> int:
                  f"atlas.parcellation.labels={root}/labelled/labels.nii.gz",
                  f"atlas.parcellation.table={root}/labelled/table.tsv"]
     config = load_config(overrides=overrides)
+    tpl = out / "atlas" / f"tpl-{config['atlas']['name']}"
+    res = f"{voxel:g}".replace(".", "p")
+    if args.evaluate_only:
+        added = out / f"sub-{ADDED[0]}"
+        if added.is_dir():
+            subjects.update(write_atlas_inputs(bids, out, COHORT + [ADDED], shape=shape, voxel_size=(voxel,) * 3))
+        report = evaluate(tpl, res, subjects, labelled, config, root, held_out=not args.no_held_out)
+        (root / "benchmark_evaluation.json").write_text(json.dumps(report, indent=2))
+        print(f"\nnumbers in {root / 'benchmark_evaluation.json'}")
+        return 0
     plan = atlas_level(bids, out, config)
     assert not plan.problems, plan.problems
     print(f"cohort: {len(COHORT)} subjects, bands {EDGES}, {voxel:g} mm grid {shape}, {args.nprocs} processes, "
@@ -92,9 +121,12 @@ def main(argv=None) -> int:
     first = run(plan.workflow, work, args.nprocs)
     print(f"\nfirst run: {first:.0f} s")
 
-    tpl = out / "atlas" / f"tpl-{config['atlas']['name']}"
-    res = f"{voxel:g}".replace(".", "p")
-    report = evaluate(tpl, res, subjects, labelled, config, root)
+    report = evaluate(tpl, res, subjects, labelled, config, root, held_out=not args.no_held_out)
+    report["runtime_first_s"] = round(first)
+    if args.no_rerun:
+        (root / "benchmark.json").write_text(json.dumps(report, indent=2))
+        print(f"\nnumbers in {root / 'benchmark.json'}")
+        return 0
 
     before = result_times(work)
     subjects.update(write_atlas_inputs(bids, out, COHORT + [ADDED], shape=shape, voxel_size=(voxel,) * 3))
@@ -123,7 +155,57 @@ def _load(path):
     return np.asarray(nib.load(str(path)).dataobj)
 
 
-def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: Path) -> dict:
+# classes of the contrast measure (GP minus the white matter around it)
+_GP, _PU, _TH, _CN, _CSF, _WM, _OTHER_DEEP = 1, 2, 3, 4, 5, 6, 7
+RING_MM = 6.0
+
+
+def subject_truth(subject, psf_voxels: float = 0.6) -> dict:
+    """A simulated atlas subject's true susceptibility and tissue classes in its own (scan) space.
+
+    ``classes``: GP, PU, TH, CN, CSF, WM (the white-matter tissue, IC/SCC/OR included), other
+    deep grey, carried by the known deformation (nearest neighbour). ``true_chi``: the phantom's
+    chi in the brain, carried by the known deformation, without noise or point-spread;
+    ``acquired_chi``: the same with the acquisition's point-spread (the noise-free input).
+    """
+    from scipy import ndimage
+
+    from qsmflow.simulate import ROI_LABELS, TISSUES
+
+    phantom, warp = subject.phantom, subject.deformation
+    tissue = {t.name: t.index for t in TISSUES}
+    roi = {r.abbreviation: r.index for r in ROI_LABELS}
+    classes = np.zeros(phantom.labels.shape, dtype=np.int16)
+    classes[phantom.brain_mask & (phantom.tissues == tissue["white_matter"])] = _WM
+    classes[phantom.brain_mask & (phantom.tissues == tissue["csf"])] = _CSF
+    classes[np.isin(phantom.labels, [roi["RN"], roi["SN"], roi["DN"]])] = _OTHER_DEEP
+    for code, name in ((_GP, "GP"), (_PU, "PU"), (_TH, "TH"), (_CN, "CN")):
+        classes[phantom.labels == roi[name]] = code
+    brain_chi = np.where(phantom.brain_mask, phantom.chi, np.float32(0.0)).astype(np.float32)
+    return {"classes": warp.apply(classes, labels=True), "true_chi": warp.apply(brain_chi),
+            "acquired_chi": warp.apply(ndimage.gaussian_filter(brain_chi, psf_voxels))}
+
+
+def contrast_masks(classes, voxel_mm: float, ring_mm: float = RING_MM):
+    """GP, and the white matter around it: WM voxels within ``ring_mm`` of GP, one voxel or more
+    away (26-neighbourhood) from GP, PU, TH, CN, other deep grey and CSF."""
+    from scipy import ndimage
+
+    classes = np.asarray(classes)
+    gp = classes == _GP
+    near = ndimage.distance_transform_edt(~gp, sampling=voxel_mm) <= ring_mm
+    avoid = ndimage.binary_dilation(np.isin(classes, [_GP, _PU, _TH, _CN, _CSF, _OTHER_DEEP]),
+                                    ndimage.generate_binary_structure(3, 3))
+    return gp, (classes == _WM) & near & ~avoid
+
+
+def gp_contrast(chi, gp, ring) -> float:
+    """Median chi in GP minus median chi in the white-matter ring (ppm)."""
+    return float(np.median(chi[gp]) - np.median(chi[ring])) if gp.any() and ring.any() else float("nan")
+
+
+def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: Path, *,
+             held_out: bool = True) -> dict:
     from qsmflow import segmentation
     from qsmflow.atlas import apply_transforms
     from qsmflow.registration import to_ants, to_array
@@ -132,37 +214,68 @@ def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: 
     name = tpl.name.removeprefix("tpl-")
     report = {"bands": {}}
     index = {row.abbreviation + "_" + row.hemisphere[0].upper(): row.index for row in labelled.table}
-    print("\nband  scans  corr(min/median)  GP-IC measured  truth  ratio   Dice CN/PU/GP/TH (band dseg vs truth)")
+    print("\nband  scans  corr(min/median)  Dice CN/PU/GP/TH (band dseg vs truth)")
+    contrast_rows = []
     for band in sorted(tpl.glob("cohort-*")):
         cohort = band.name.removeprefix("cohort-")
         sharp = list(csv.DictReader(open(next(band.glob("*_desc-registration_sharpness.tsv"))), delimiter="\t"))
         correlations = [float(r["correlation"]) for r in sharp]
         chi = _load(band / f"tpl-{name}_cohort-{cohort}_res-{res}_Chimap.nii.gz")
         dseg = np.rint(_load(band / f"tpl-{name}_cohort-{cohort}_res-{res}_dseg.nii.gz")).astype(int)
-        gp = np.isin(dseg, [index["GP_L"], index["GP_R"]])
-        ic = np.isin(dseg, [index["IC_L"], index["IC_R"]])
-        measured = float(np.median(chi[gp]) - np.median(chi[ic])) if gp.any() and ic.any() else float("nan")
         scans = [r["scan"].removeprefix("sub-") for r in sharp]
-        truth = float(np.mean([subjects[s].phantom.roi_chi["GP"] - subjects[s].phantom.roi_chi["IC"] for s in scans]))
-        # truth labels carried into the band template by each subject's composed transform
-        reference = to_ants(chi.astype(np.float32), nib.load(str(band / f"tpl-{name}_cohort-{cohort}_res-{res}_Chimap.nii.gz")).affine)
-        votes = []
+        # truth labels, tissue classes and true chi carried into the band template by each
+        # subject's composed transform (the same transform as the subject's chi)
+        band_affine = nib.load(str(band / f"tpl-{name}_cohort-{cohort}_res-{res}_Chimap.nii.gz")).affine
+        reference = to_ants(chi.astype(np.float32), band_affine)
+        voxel_mm = float(np.mean(reference.spacing))
+        votes, class_votes, carried_true, own = [], [], [], {"true": [], "acquired": [], "input": []}
         for s in scans:
             truth_file = root / "out" / f"sub-{s}" / "anat" / f"sub-{s}_desc-truth_dseg.nii.gz"
             image = nib.load(str(truth_file))
             moving = to_ants(np.asarray(image.dataobj).astype(np.float32), image.affine)
-            transform = band / f"tpl-{name}_cohort-{cohort}_res-{res}_from-sub{s}_mode-image_xfm.nii.gz"
-            votes.append(np.rint(apply_transforms(reference, moving, [str(transform)], interpolator="genericLabel").numpy()))
+            transform = [str(band / f"tpl-{name}_cohort-{cohort}_res-{res}_from-sub{s}_mode-image_xfm.nii.gz")]
+            votes.append(np.rint(apply_transforms(reference, moving, transform, interpolator="genericLabel").numpy()))
+            known = subject_truth(subjects[s])
+            subject_affine = subjects[s].affine
+            class_votes.append(np.rint(apply_transforms(
+                reference, to_ants(known["classes"].astype(np.float32), subject_affine), transform,
+                interpolator="genericLabel").numpy()))
+            carried_true.append(apply_transforms(reference, to_ants(known["true_chi"], subject_affine), transform).numpy())
+            own_gp, own_ring = contrast_masks(known["classes"], voxel_mm)
+            own["true"].append(gp_contrast(known["true_chi"], own_gp, own_ring))
+            own["acquired"].append(gp_contrast(known["acquired_chi"], own_gp, own_ring))
+            own["input"].append(gp_contrast(subjects[s].chi, own_gp, own_ring))
         consensus = _majority(np.stack(votes))
+        gp, ring = contrast_masks(_majority(np.stack(class_votes)), voxel_mm)
+        measured = gp_contrast(chi, gp, ring)
+        truth = gp_contrast(np.mean(carried_true, axis=0), gp, ring)
+        contrast = {"template": measured, "truth_same_masks": truth, "ratio": measured / truth,
+                    "gp_voxels": int(gp.sum()), "ring_voxels": int(ring.sum()),
+                    "own_space_true": float(np.mean(own["true"])),
+                    "own_space_noise_free_input": float(np.mean(own["acquired"])),
+                    "own_space_input": float(np.mean(own["input"]))}
+        contrast["ratio_to_own_space_true"] = measured / contrast["own_space_true"]
+        contrast["ratio_to_own_space_noise_free_input"] = measured / contrast["own_space_noise_free_input"]
+        contrast_rows.append((cohort, contrast))
         dices = {}
         for roi in ("CN", "PU", "GP", "TH"):
             values = [index[f"{roi}_L"], index[f"{roi}_R"]]
             dices[roi] = round(dice(np.isin(dseg, values), np.isin(consensus, values)), 3)
-        report["bands"][cohort] = {"correlations": correlations, "gp_minus_ic": measured, "truth": truth,
-                                   "ratio": measured / truth, "dice_band_dseg": dices}
+        report["bands"][cohort] = {"correlations": correlations, "gp_contrast": contrast, "dice_band_dseg": dices}
         print(f"{cohort:>4}  {len(scans):>5}  {min(correlations):.3f}/{np.median(correlations):.3f}        "
-              f"{measured:.4f}        {truth:.4f} {measured / truth:.2f}    "
               + "/".join(f"{dices[r]:.2f}" for r in ("CN", "PU", "GP", "TH")))
+    print(f"\nGP minus surrounding white matter (median GP - median WM within {RING_MM:g} mm of GP and one voxel or more"
+          "\nfrom GP/PU/TH/CN/CSF), ppm. Template and 'same masks' truth: the band template's chi and the mean of the"
+          "\nsubjects' true chi (no noise, no point-spread) carried by the same transforms, both on the majority of the"
+          "\nsubjects' true classes carried into the template. Own space: each subject's true chi / noise-free input /"
+          "\ninput, measured with its own true classes, mean over the band.")
+    print("band  GP vox  ring vox  template  truth(same masks)  ratio | own true  own noise-free input  own input"
+          "  template/own true  template/own noise-free")
+    for cohort, c in contrast_rows:
+        print(f"{cohort:>4}  {c['gp_voxels']:>6}  {c['ring_voxels']:>8}  {c['template']:8.4f}  {c['truth_same_masks']:17.4f}"
+              f"  {c['ratio']:5.2f} | {c['own_space_true']:8.4f}  {c['own_space_noise_free_input']:20.4f}"
+              f"  {c['own_space_input']:9.4f}  {c['ratio_to_own_space_true']:17.2f}"
+              f"  {c['ratio_to_own_space_noise_free_input']:23.2f}")
 
     # atlas parcellation vs the subjects' truth carried into the atlas by their composed transforms
     atlas_chi_path = tpl / f"tpl-{name}_res-{res}_Chimap.nii.gz"
@@ -213,35 +326,40 @@ def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: 
               f"{entry['PU']:8.4f}  {entry['PU_truth']:8.4f}")
 
     # age-matched segmentation of held-out subjects
-    print("\nheld-out subjects (segmentation preset 'fast'): Dice with the band template (age-matched) | "
+    if not held_out:
+        return report
+    seg = config["segmentation"]["registration"]
+    settings = [("participant default", seg["preset"], float(seg["susceptibility_weight"])), ("fast, magnitude only", "fast", 0.0)]
+    print("\nheld-out subjects: Dice with the band template nearest the age (atlas.band_template_for_age) | "
           "with the labelled adult template")
     report["held_out"] = {}
     voxel = float(abs(atlas_affine[0, 0]))
     shape = reference.shape
+    from qsmflow.atlas import band_template_for_age
+
     for label, age in HELD_OUT:
         subject = simulate_atlas_subject(label, age, shape=shape, voxel_size=(voxel,) * 3)
         truth = split_hemispheres(subject.labels, subject.affine)
-        cohort = "1" if age < 12 else ("2" if age < 60 else "3")
-        band = tpl / f"cohort-{cohort}"
-        band_atlas = segmentation.load_user_atlas(band / f"tpl-{name}_cohort-{cohort}_res-{res}_T2starw.nii.gz",
-                                                  band / f"tpl-{name}_cohort-{cohort}_res-{res}_dseg.nii.gz",
-                                                  band / f"tpl-{name}_cohort-{cohort}_res-{res}_dseg.tsv",
-                                                  name=f"{name}cohort{cohort}")
-        band_atlas.brain_mask = _load(band / f"tpl-{name}_cohort-{cohort}_res-{res}_desc-brain_mask.nii.gz") > 0.5
-        results = {}
-        for source, template in (("band", band_atlas), ("default", labelled)):
-            start = time.perf_counter()
-            labels, _, _ = segmentation.template_to_subject(subject.magnitude, subject.brain_mask, subject.affine,
-                                                            template, preset="fast", threads=1)
-            elapsed = time.perf_counter() - start
-            results[source] = {roi: round(dice(np.isin(labels, [index[f"{roi}_L"], index[f"{roi}_R"]]),
-                                               np.isin(truth, [index[f"{roi}_L"], index[f"{roi}_R"]])), 3)
-                               for roi in ("CN", "PU", "GP", "TH")}
-            results[source]["seconds"] = round(elapsed, 1)
-        report["held_out"][label] = {"age": age, "cohort": cohort, **results}
-        print(f"  {label} ({age:g} y, cohort {cohort}): "
-              + " ".join(f"{r} {results['band'][r]:.2f}|{results['default'][r]:.2f}" for r in ("CN", "PU", "GP", "TH"))
-              + f"   ({results['band']['seconds']:.0f} s | {results['default']['seconds']:.0f} s)")
+        files = band_template_for_age(tpl, age)
+        band_atlas = segmentation.load_user_atlas(files["template"], files["labels"], files["table"], name=files["name"])
+        band_atlas.brain_mask = _load(files["brain_mask"]) > 0.5
+        report["held_out"][label] = {"age": age, "cohort": files["cohort"]}
+        for setting, preset, weight in settings:
+            results = {}
+            for source, template in (("band", band_atlas), ("default", labelled)):
+                start = time.perf_counter()
+                labels, _, _ = segmentation.template_to_subject(
+                    subject.magnitude, subject.brain_mask, subject.affine, template, preset=preset, threads=1,
+                    chi=subject.chi, qsm_mask=subject.brain_mask, susceptibility_weight=weight)
+                elapsed = time.perf_counter() - start
+                results[source] = {roi: round(dice(np.isin(labels, [index[f"{roi}_L"], index[f"{roi}_R"]]),
+                                                   np.isin(truth, [index[f"{roi}_L"], index[f"{roi}_R"]])), 3)
+                                   for roi in ("CN", "PU", "GP", "TH")}
+                results[source]["seconds"] = round(elapsed, 1)
+            report["held_out"][label][setting] = results
+            print(f"  {label} ({age:g} y, cohort {files['cohort']}), {setting} (preset {preset}, chi weight {weight:g}): "
+                  + " ".join(f"{r} {results['band'][r]:.2f}|{results['default'][r]:.2f}" for r in ("CN", "PU", "GP", "TH"))
+                  + f"   ({results['band']['seconds']:.0f} s | {results['default']['seconds']:.0f} s)", flush=True)
     return report
 
 
