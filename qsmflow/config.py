@@ -251,6 +251,7 @@ RULES: dict[str, dict] = {
     "background.pdf.padding": whole(0),
     "background.pdf.weight": NOT_SETTABLE,
     "background.lbv.peel": whole(0),
+    "background.*.harmonic_order": nullable(whole(0, 4)),
     # inversion
     "inversion.tkd.threshold": fraction(2.0 / 3.0),
     "inversion.*.regularization": positive(),

@@ -11,7 +11,8 @@ Usage::
 
     python tests/benchmarks/segmentation.py [--resolutions 2 1] [--presets default fast]
                                             [--seeds 3 4 5] [--threads 2]
-    python tests/benchmarks/segmentation.py reference     # reference regions vs background methods
+    python tests/benchmarks/segmentation.py reference [--ages 20 70] [--seeds 11 12] [--harmonic-orders none default]
+                                                          # reference regions vs background methods
 
 Times are wall-clock on this machine; when it is shared, they include other jobs' load
 (the script prints the load average before and after).
@@ -164,17 +165,20 @@ def main(argv=None) -> None:
 # ---------------------------------------------------------------------------------------------
 # reference regions across background-removal methods
 
-def reference_spread(ages=(20.0, 70.0), methods=("sharp", "vsharp", "pdf", "lbv"), *, seed: int = 11,
-                     field_noise_ppm: float = 0.002) -> None:
-    """CN/PU/GP means of one simulated subject under every background method, per reference.
+def reference_spread(ages=(20.0, 70.0), seeds=(11,), methods=("sharp", "vsharp", "pdf", "lbv"), *,
+                     harmonic_orders=("default",), overrides=None, field_noise_ppm: float = 0.002) -> None:
+    """CN/PU/GP means of simulated subjects under every background method, per reference.
 
     The brain phantom's total field (air/bone background, shim) plus Gaussian noise goes through
-    each background-removal method with the configured default parameters and the default
-    inversion (TV-ADMM); the map is then referenced to the mean over the QSM mask (``mean``, the
-    former behaviour), over the 10 mm-eroded brain mask (``brain``) and over the lateral
-    ventricles eroded by 2 mm (``csf``, here the phantom's true ventricles: this isolates the
-    reference from segmentation error). Prints the ROI means and their spread (max - min over
-    the methods) per reference, and the error against the truth.
+    each background-removal method with the configured default parameters (plus ``overrides``,
+    ``{method: {parameter: value}}``) and each of ``harmonic_orders`` (``"default"``: the
+    method's default; ``None``: the method's own result, before
+    :func:`qsmflow.recon.background.remove_harmonic_polynomials`), then the default inversion
+    (TV-ADMM); the map is referenced to the mean over the QSM mask (``mean``, the former
+    behaviour), over the 10 mm-eroded brain mask (``brain``) and over the lateral ventricles
+    eroded by 2 mm (``csf``, here the phantom's true ventricles: this isolates the reference
+    from segmentation error). Prints each method's ROI-mean error against the truth, the spread
+    (max - min over the methods) per reference, and the worst spread over the subjects.
     """
     from qsmflow.config import load_config, method_parameters, registry
     from qsmflow.recon.inversion import reference_susceptibility
@@ -182,49 +186,83 @@ def reference_spread(ages=(20.0, 70.0), methods=("sharp", "vsharp", "pdf", "lbv"
 
     config = load_config("default")
     invert = registry("inversion")[config["inversion"]["method"]]
-    print(f"\nreference spread: inversion {config['inversion']['method']}, background {', '.join(methods)}; "
-          f"load average {os.getloadavg()}")
-    print(f"{'age':>4} {'reference':9} " + " ".join(f"{m + ' ' + r:>12}" for m in methods for r in ("CN", "PU", "GP"))
-          + "  spread CN/PU/GP (ppm)   |error| max")
+    print(f"\nreference spread: inversion {config['inversion']['method']}, background {', '.join(methods)}, "
+          f"overrides {overrides or {}}; load average {os.getloadavg()}")
+    print(f"{'age':>4} {'seed':>4} {'harmonic':>8} {'reference':9} "
+          + " ".join(f"{m + ' err CN/PU/GP':>23}" for m in methods) + "  spread CN/PU/GP (ppm)   |error| max")
+    worst = {}
     for age in ages:
-        phantom = simulate.brain_phantom(age_years=age, seed=seed)
-        fields = simulate.simulate_field(phantom)
-        rng = np.random.default_rng(seed)
-        total = fields.total + rng.normal(0.0, field_noise_ppm, fields.total.shape).astype(np.float32)
-        voxel = phantom.voxel_size
-        depth = ndimage.distance_transform_edt(phantom.brain_mask, sampling=voxel)
-        ventricles = (phantom.tissues == simulate._TISSUE["csf"].index) & phantom.brain_mask & (depth > 12.0)
-        means = {}
-        for method in methods:
-            parameters = dict(config["background"].get(method) or {})
-            local, mask = registry("background")[method](total, phantom.brain_mask, voxel, **parameters)
-            chi = invert(local, mask, voxel, **method_parameters(config, "inversion"))
-            regions = {
-                "mean": mask,
-                "brain": segmentation.reference_region("brain", brain_mask=phantom.brain_mask, qsm_mask=mask, voxel_size=voxel),
-                "csf": segmentation.reference_region("csf", qsm_mask=mask, labels=ventricles.astype(np.int16),
-                                                     table=(segmentation.AtlasLabel(1, "LV", "lateral ventricles", "bilateral", "truth", "csf"),),
-                                                     voxel_size=voxel),
-            }
-            for name, region in regions.items():
-                referenced = reference_susceptibility(chi, mask, reference="mean", reference_mask=region)
-                for roi in ("CN", "PU", "GP"):
-                    index = next(r.index for r in simulate.ROI_LABELS if r.abbreviation == roi)
-                    inside = (phantom.labels == index) & mask
-                    means[(name, method, roi)] = float(referenced[inside].mean())
-        for name in ("mean", "brain", "csf"):
-            values = [means[(name, m, r)] for m in methods for r in ("CN", "PU", "GP")]
-            spreads = [max(means[(name, m, r)] for m in methods) - min(means[(name, m, r)] for m in methods)
-                       for r in ("CN", "PU", "GP")]
-            errors = [abs(means[(name, m, r)] - phantom.roi_chi[r]) for m in methods for r in ("CN", "PU", "GP")]
-            print(f"{age:4g} {name:9} " + " ".join(f"{v:12.4f}" for v in values)
-                  + "  " + "/".join(f"{s:.4f}" for s in spreads) + f"   {max(errors):.4f}", flush=True)
+        for seed in seeds:
+            phantom = simulate.brain_phantom(age_years=age, seed=seed)
+            fields = simulate.simulate_field(phantom)
+            rng = np.random.default_rng(seed)
+            total = fields.total + rng.normal(0.0, field_noise_ppm, fields.total.shape).astype(np.float32)
+            voxel = phantom.voxel_size
+            depth = ndimage.distance_transform_edt(phantom.brain_mask, sampling=voxel)
+            ventricles = (phantom.tissues == simulate._TISSUE["csf"].index) & phantom.brain_mask & (depth > 12.0)
+            for order in harmonic_orders:
+                errors = {}
+                for method in methods:
+                    parameters = dict(config["background"].get(method) or {})
+                    parameters.update((overrides or {}).get(method, {}))
+                    if order != "default":
+                        parameters["harmonic_order"] = order
+                    local, mask = registry("background")[method](total, phantom.brain_mask, voxel, **parameters)
+                    chi = invert(local, mask, voxel, **method_parameters(config, "inversion"))
+                    regions = {
+                        "mean": mask,
+                        "brain": segmentation.reference_region("brain", brain_mask=phantom.brain_mask, qsm_mask=mask,
+                                                               voxel_size=voxel),
+                        "csf": segmentation.reference_region(
+                            "csf", qsm_mask=mask, labels=ventricles.astype(np.int16), voxel_size=voxel,
+                            table=(segmentation.AtlasLabel(1, "LV", "lateral ventricles", "bilateral", "truth", "csf"),)),
+                    }
+                    for name, region in regions.items():
+                        referenced = reference_susceptibility(chi, mask, reference="mean", reference_mask=region)
+                        for roi in ("CN", "PU", "GP"):
+                            index = next(r.index for r in simulate.ROI_LABELS if r.abbreviation == roi)
+                            inside = (phantom.labels == index) & mask
+                            errors[(name, method, roi)] = float(referenced[inside].mean()) - phantom.roi_chi[roi]
+                for name in ("mean", "brain", "csf"):
+                    spreads = [max(errors[(name, m, r)] for m in methods) - min(errors[(name, m, r)] for m in methods)
+                               for r in ("CN", "PU", "GP")]
+                    largest = max(abs(errors[(name, m, r)]) for m in methods for r in ("CN", "PU", "GP"))
+                    key = (str(order), name)
+                    worst[key] = [max(a, b) for a, b in zip(worst.get(key, [0.0, 0.0, 0.0]), spreads)]
+                    print(f"{age:4g} {seed:4d} {str(order):>8} {name:9} "
+                          + " ".join(f"{'/'.join(f'{errors[(name, m, r)]:+.4f}' for r in ('CN', 'PU', 'GP')):>23}"
+                                     for m in methods)
+                          + "  " + "/".join(f"{v:.4f}" for v in spreads) + f"   {largest:.4f}", flush=True)
+    print("worst spread over the subjects (CN/PU/GP, ppm):")
+    for (order, name), spreads in worst.items():
+        print(f"  harmonic_order {order:>7}, reference {name:5}: " + "/".join(f"{v:.4f}" for v in spreads)
+              + f"  (max {max(spreads):.4f})")
+
+
+def reference_main(argv) -> None:
+    parser = argparse.ArgumentParser(prog="segmentation.py reference",
+                                     description="reference regions vs background methods (reference_spread)")
+    parser.add_argument("--ages", type=float, nargs="+", default=[20.0, 70.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12])
+    parser.add_argument("--harmonic-orders", nargs="+", default=["none", "default"],
+                        help="background harmonic_order values to compare: none (each method's own result), "
+                             "default, or an integer")
+    parser.add_argument("--set", nargs="*", default=[], metavar="METHOD.PARAMETER=VALUE",
+                        help="background parameter overrides, e.g. sharp.threshold=0.02")
+    arguments = parser.parse_args(argv)
+    orders = [None if o == "none" else o if o == "default" else int(o) for o in arguments.harmonic_orders]
+    overrides = {}
+    for item in arguments.set:
+        key, value = item.split("=", 1)
+        method, parameter = key.split(".", 1)
+        overrides.setdefault(method, {})[parameter] = float(value) if "." in value or "e" in value else int(value)
+    reference_spread(tuple(arguments.ages), tuple(arguments.seeds), harmonic_orders=tuple(orders), overrides=overrides)
 
 
 if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] == ["reference"]:
-        reference_spread()
+        reference_main(sys.argv[2:])
     else:
         main()
