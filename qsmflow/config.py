@@ -263,6 +263,7 @@ RULES: dict[str, dict] = {
     "inversion.weighted_tv.data_penalty": positive(),
     "inversion.*.data_weight": NOT_SETTABLE,
     "inversion.*.gradient_weight": NOT_SETTABLE,
+    "inversion.tfi.data_mask": NOT_SETTABLE,
     "inversion.tfi.preconditioner": positive(),
     "inversion.tfi.cg_iterations": whole(1),
     "inversion.tfi.epsilon": positive(),

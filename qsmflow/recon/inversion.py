@@ -534,7 +534,7 @@ def _divergence_adjoint(components, voxel_size):
 
 def total_field_inversion(total_field, mask, voxel_size, *, b0_direction=(0.0, 0.0, 1.0), regularization=2e-4,
                           preconditioner=10.0, padding=12, iterations=45, cg_iterations=30, epsilon=1e-6,
-                          data_weight=None, gradient_weight=None):
+                          data_weight=None, gradient_weight=None, data_mask=None):
     """Preconditioned total field inversion (TFI): susceptibility straight from the total field.
 
     Background and tissue sources are estimated together, so no background removal (and none of
@@ -576,6 +576,11 @@ def total_field_inversion(total_field, mask, voxel_size, *, b0_direction=(0.0, 0
         to a mean of 1 in the mask.
     gradient_weight : 3-D array or None
         MEDI edge weight ``M_g`` (:func:`qsmflow.recon.masking.edge_weight`), 1 where not given.
+    data_mask : 3-D bool array or None
+        Where the field is known and fitted, if larger than ``mask`` (Liu et al. fit the field
+        wherever the head has signal; ``mask``, the brain, then sets only where ``P`` is 1, where
+        the TV acts and where chi is returned). None fits the field in ``mask`` only. The box of
+        the solve covers ``data_mask`` plus ``padding``; ``data_weight`` must then be valid in it.
 
     Returns
     -------
@@ -600,24 +605,46 @@ def total_field_inversion(total_field, mask, voxel_size, *, b0_direction=(0.0, 0
     white-matter block) can still be explained by sources outside the mask: from the true total
     field the phantom stops at about 40 %.
     It beats the two-step chains on the phantom's poses but not on qsm-forward, so it is not a preset.
+
+    ``data_mask`` helps where the field outside the brain obeys the same forward model: on the head
+    of ``tests/test_tfi.py`` (the field of the same kernel) NRMSE 17.5 % with the brain alone,
+    9.4 / 8.5 % with the 2 / 4 voxels around it. On the supersampled phantom (the field computed
+    on a grid twice as fine, so that next to bone and air it departs from the coarse model), from
+    the true total field, straight head at 2 mm: 39.6 % with the brain alone, 37.8 % with the
+    brain dilated by 4 mm within the voxels that have signal and a data weight of 0.1 there; with
+    weight 1, or the whole head with signal, it is worse (at 3 mm: 77.5 % brain alone, 107 %
+    dilated by 4 mm, 116 % whole head, 78 % dilated with weight 0.1).
     """
-    field, mask, voxel_size, b0_direction = validated_field_inputs(total_field, mask, voxel_size, b0_direction,
-                                                                   "total_field")
+    mask = np.asarray(mask)
+    if data_mask is None:
+        fitted = mask
+    else:
+        fitted = np.asarray(data_mask)
+        if fitted.shape != mask.shape or fitted.dtype != bool or mask.dtype != bool:
+            raise ValueError(f"data_mask must be a bool array of the mask's shape {mask.shape}, got "
+                             f"{fitted.dtype} {fitted.shape}")
+        fitted = fitted | mask
+    field, fitted, voxel_size, b0_direction = validated_field_inputs(total_field, fitted, voxel_size, b0_direction,
+                                                                     "total_field")
+    if not mask.any():
+        raise ValueError("mask is empty")
+    mask = mask.astype(bool)
     _require_positive("regularization", regularization)
     _require_positive("preconditioner", preconditioner)
     _require_positive("epsilon", epsilon)
     _require_iterations(iterations, 0.0)
     _require_iterations(cg_iterations, 0.0)
     _require_padding(padding)
-    weight = _normalised_data_weight(data_weight, mask)
-    grid = MaskGrid(mask, padding)
+    weight = _normalised_data_weight(data_weight, fitted)
+    grid = MaskGrid(fitted, padding)
+    brain = grid.extract(mask) > 0.5
     padded, weight_squared = grid.extract(field), grid.extract(weight) ** 2
     shape = padded.shape
     kernel = dipole_kernel(shape, voxel_size, b0_direction)
-    scaling = np.where(grid.inside, np.float32(1.0), np.float32(preconditioner)).astype(np.float32)
+    scaling = np.where(brain, np.float32(1.0), np.float32(preconditioner)).astype(np.float32)
     edges = _padded_gradient_weight(gradient_weight, mask, grid)
     edges = np.ones(shape, np.float32) if edges is None else edges
-    edges *= grid.inside  # no TV outside the mask: the sources there are only held by the preconditioner
+    edges *= brain  # no TV outside the mask: the sources there are only held by the preconditioner
 
     def dipole_field(values):
         return irfftn(rfftn(values) * kernel, shape)
@@ -638,7 +665,7 @@ def total_field_inversion(total_field, mask, voxel_size, *, b0_direction=(0.0, 0
 
         y = _warm_conjugate_gradient(normal_operator, rhs, y, int(cg_iterations))
     chi = scaling * y
-    chi *= grid.inside
+    chi *= brain
     return grid.restore(chi)
 
 
