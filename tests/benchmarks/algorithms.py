@@ -287,13 +287,19 @@ def _yaml_value(value) -> str:
     return str(value)
 
 
-def evidence_block(workdir: Path, poses: int) -> None:
-    """Whole chains from raw phase on every data set the defaults are decided on."""
+def evidence_poses(poses: int) -> list:
+    """Makers of the evidence block's random poses of the honest phantom (seed 20 + k, tilt 5-25 degrees)."""
     rng = np.random.default_rng(11)
-    datasets = [lambda: honest_dataset(5, 0.0), lambda: honest_dataset(6, 21.0)]
+    makers = []
     for seed in range(poses):
         tilt, azimuth = float(rng.uniform(5, 25)), float(rng.uniform(0, 360))
-        datasets.append(lambda seed=seed, tilt=tilt, azimuth=azimuth: honest_dataset(20 + seed, round(tilt, 1), azimuth))
+        makers.append(lambda seed=seed, tilt=tilt, azimuth=azimuth: honest_dataset(20 + seed, round(tilt, 1), azimuth))
+    return makers
+
+
+def evidence_block(workdir: Path, poses: int) -> None:
+    """Whole chains from raw phase on every data set the defaults are decided on."""
+    datasets = [lambda: honest_dataset(5, 0.0), lambda: honest_dataset(6, 21.0)] + evidence_poses(poses)
     datasets += [lambda: qsm_forward_dataset(3.0, workdir), lambda: qsm_forward_dataset(7.0, workdir),
                  brain_phantom_dataset]
     print(f"{'dataset':30s} {'simulation':31s} {'chain':26s} {'NRMSE%':>7} {'cover':>6} {'seconds':>8}")
