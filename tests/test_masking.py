@@ -122,13 +122,14 @@ def _echo_fit_residual(seed=7, shape=(40, 40, 40)):
     return mask, band, residual, perturbed
 
 
-def test_reliability_mask_does_not_move_with_a_perturbation_far_below_the_noise():
+@pytest.mark.parametrize("factor", [10.0, 3.0])  # fast's and default/accurate's echoes.outlier_factor
+def test_reliability_mask_does_not_move_with_a_perturbation_far_below_the_noise(factor):
     """Issue 8: GE's 1 mrad rounding moved noise-level outliers in and out of the mask, and
     V-SHARP's erosion grew each hole into a sphere. Only clusters of outliers are dropped now."""
     from qsmflow.recon.masking import _erode_mm, reliable_field_mask
 
     mask, band, residual, perturbed = _echo_fit_residual()
-    options = dict(outlier_factor=10.0, edge_outlier_factor=3.0, edge_mm=6.0, voxel_size=(1.0, 1.0, 1.0))
+    options = dict(outlier_factor=factor, edge_outlier_factor=3.0, edge_mm=6.0, voxel_size=(1.0, 1.0, 1.0))
     kept, kept_perturbed = (reliable_field_mask(mask, r, **options) for r in (residual, perturbed))
     assert not kept[band].any() and not kept_perturbed[band].any()  # the misfit band is dropped
     beside = ndi.binary_dilation(band, np.ones((3, 3, 3), bool))       # noise outliers touching the band join it
