@@ -54,7 +54,6 @@ def test_every_preset_is_valid():
 
 
 # ------------------------------------------------------------------ types and ranges (issue 8)
-import time  # noqa: E402
 
 import qsmflow.config as config_module  # noqa: E402
 from qsmflow.config import (NOT_SETTABLE, RULES, config_schema, describe, load_yaml,  # noqa: E402
@@ -209,11 +208,9 @@ def test_cli_stops_on_bad_values_before_any_work(capsys, tmp_path, bids_root):
     output = tmp_path / "out"
     for override in ("inversion.tv.regularization=-1", "inversion.tv.penalty=abc", "background.vsharp.radii_mm=hello",
                      "mask.threshold.threshold=banana", "unwrap.quality.seed=1.5", "execution.nprocs=0"):
-        start = time.monotonic()
         code = main([str(bids_root), str(output), "participant", "--set", override])
-        elapsed = time.monotonic() - start
         last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert code == 2 and elapsed < 10, (code, elapsed)
+        assert code == 2, code
         assert last.startswith("qsmflow: error: configuration key") and override.split("=")[0] in last, last
     assert not output.exists()
 

@@ -180,9 +180,10 @@ def test_single_echo_sidecar_says_the_offset_is_not_removed(tmp_path):
 
 
 def test_unclear_range_stops_a_run_quickly(capsys, tmp_path, bids_root):
-    """A scan whose phase only spans 0..pi ends the run in well under 10 s, naming file and setting."""
-    import time
+    """A scan whose phase only spans 0..pi ends the run at its input check, naming file and setting.
 
+    Only the loader (and the atlas, which reads no scan) may have run: no reconstruction step.
+    """
     from conftest import write_gre_scan
 
     paths = write_gre_scan(bids_root, "01")
@@ -190,11 +191,11 @@ def test_unclear_range_stops_a_run_quickly(capsys, tmp_path, bids_root):
         if "part-phase" in path.name:
             image = nib.load(str(path))
             nib.save(nib.Nifti1Image((np.asarray(image.dataobj) + np.pi) / 2, image.affine), str(path))
-    start = time.monotonic()
     code = main([str(bids_root), str(tmp_path / "out"), "participant", "--plugin", "Linear", "--progress", "off",
                  "--work-dir", str(tmp_path / "work")])
-    elapsed = time.monotonic() - start
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 1 and elapsed < 10, (code, elapsed)
+    assert code == 1, code
+    ran = {path.parent.name for path in (tmp_path / "work").rglob("result_*.pklz")}
+    assert "load_echoes" in ran and ran <= {"load_echoes", "atlas"}, ran
     assert str(paths[1]) in last and "input.phase_units" in last and "ambiguous" in last, last
     assert not list((tmp_path / "out").rglob("*_Chimap.nii.gz"))
