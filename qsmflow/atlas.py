@@ -547,8 +547,8 @@ def delineate_nuclei(chi, labels, nucleus_labels: dict, *, voxel_size=(1.0, 1.0,
     the ring voxel nearest each voxel, so that the edge of a blurred nucleus is placed half-way
     to whatever lies next to it (half-way to CSF at about 0 ppm beside the ventricles, half-way
     to white matter at about -0.03 ppm elsewhere); with ``"median"`` one threshold from the
-    ring's median, which lets the caudate grow into the ventricles (atlas benchmark at 3 mm:
-    CN Dice 0.69 with the median, 0.78 local; PU, GP, TH within 0.01).
+    ring's median, which lets the caudate grow into the ventricles (tests/benchmarks/atlas.py at
+    3 mm: atlas CN Dice 0.66 with the median, 0.75 local; PU, GP, TH within 0.01).
     The nucleus becomes the connected voxels above that threshold within
     P dilated by ``search_mm`` that touch P's core; voxels of other nuclei's priors are never
     taken. Where the contrast is below ``min_contrast`` ppm (e.g. the caudate of a young child)
