@@ -63,14 +63,17 @@ def test_tfi_recovers_the_tissue_from_the_total_field(head, brain_only):
     assert estimate[nucleus].mean() - estimate[mask].mean() > 0.5 * (chi[nucleus].mean() - chi[mask].mean())
 
 
-def test_tfi_preconditioner_helps_with_a_strong_background(head, brain_only):
+def test_tfi_preconditioner_helps_with_a_strong_background(head):
     mask, chi = head["mask"], head["chi"]
-    preconditioned = nrmse(brain_only, chi, mask)
-    plain = nrmse(inversion.total_field_inversion(head["total"], mask, VOXEL, preconditioner=1.0), chi, mask)
+    # 8 x 20 iterations (8 times fewer CG steps than the default 45 x 30): the preconditioner is what
+    # makes the early iterations converge, so it shows most there
+    preconditioned, plain = (nrmse(inversion.total_field_inversion(head["total"], mask, VOXEL, iterations=8,
+                                                                   cg_iterations=20, **kwargs), chi, mask)
+                             for kwargs in ({}, {"preconditioner": 1.0}))
     print(f"preconditioned {preconditioned:.1f} %, plain {plain:.1f} %")
-    # measured 17.5 vs 29.5 % (8 x 20 iterations: 34 vs 330 %): without it more of the air's field stays
-    # in the tissue, and far more with fewer iterations
-    assert preconditioned < 0.7 * plain
+    # measured 33.7 vs 330 % (45 x 30 iterations: 17.5 vs 29.5 %): without it more of the air's field
+    # stays in the tissue
+    assert preconditioned < 0.3 * plain
 
 
 def test_tfi_fits_the_field_in_the_data_mask(head, brain_only):
