@@ -34,7 +34,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from qsmflow import metrics, simulate
+from qsmflow import metrics, segmentation, simulate
 from qsmflow.config import load_config, method_parameters
 from qsmflow.recon import background, cosmos, dipole, echoes, inversion, masking, unwrap
 
@@ -111,28 +111,37 @@ CSF_TISSUE = next(t.index for t in simulate.TISSUES if t.name == "csf")
 
 
 def ventricles(data, mask):
-    """The phantom's CSF deeper than 12 mm inside the brain (its ventricles; sulci are shallower)."""
+    """The project's default reference region (``reference.method: csf``) on the phantom.
+
+    The phantom's CSF deeper than 12 mm inside the brain (its ventricles; sulci are shallower)
+    stands for the atlas' lateral-ventricle label; :func:`qsmflow.segmentation.reference_region`
+    then erodes it by its default 2 mm and keeps it inside ``mask``, as the workflow does with
+    a perfect segmentation.
+    """
     import scipy.ndimage as ndi
 
     depth = ndi.distance_transform_edt(data["mask"], sampling=data["voxel_size"])
-    return mask & (data["tissues"] == CSF_TISSUE) & (depth > 12.0)
+    labels = ((data["tissues"] == CSF_TISSUE) & (depth > 12.0)).astype(np.int16)
+    table = (segmentation.AtlasLabel(1, "LV", "lateral ventricle", "bilateral", "phantom", "csf"),)
+    return segmentation.reference_region("csf", qsm_mask=mask, labels=labels, table=table,
+                                         voxel_size=data["voxel_size"])
 
 
 def roi_accuracy(chi, data, mask, reference="mean"):
     """ROI means vs truth, both relative to a reference region.
 
     ``reference``: ``"mean"``, the mean over ``mask`` (what ``reference.method: mean`` does);
-    ``"csf"``, the phantom's ventricles (:func:`ventricles`, truth labels: the best a ventricle
-    reference can do). Returns (slope, offset) of the estimated means regressed on the true ones
-    across :data:`ROI_COLUMNS`, and each ROI's relative error (estimate / truth - 1), or None
-    when the data set has no labels.
+    ``"csf"``, the project's default (:func:`ventricles`: the phantom's ventricles eroded by 2 mm,
+    truth labels: the best a ventricle reference can do). Returns (slope, offset) of the estimated means regressed on the true ones
+    across :data:`ROI_COLUMNS`, each ROI's relative error (estimate / truth - 1) and each ROI's
+    (true mean, estimate - truth) in ppm, or None when the data set has no labels.
     """
     if "labels" not in data:
         return None
     index = {name: value for value, name in data["label_names"].items()}
     region = mask if reference == "mean" else ventricles(data, mask)
     truth_ref, estimate_ref = data["chi"][region].mean(), chi[region].mean()
-    true_means, estimated_means, errors = [], [], {}
+    true_means, estimated_means, errors, absolute = [], [], {}, {}
     for name in ROI_COLUMNS:
         region = (data["labels"] == index[name]) & mask
         if not region.any():
@@ -142,16 +151,21 @@ def roi_accuracy(chi, data, mask, reference="mean"):
         true_means.append(true_mean)
         estimated_means.append(estimated_mean)
         errors[name] = estimated_mean / true_mean - 1.0
+        absolute[name] = (float(true_mean), float(estimated_mean - true_mean))
     slope, offset = np.polyfit(true_means, estimated_means, 1)
-    return slope, offset, errors
+    return slope, offset, errors, absolute
 
 
 def roi_cells(accuracy, label="mean"):
+    """The ROI columns: slope, offset, each deep nucleus's relative error, and the thalamus's true
+    mean and error in ppb (its relative error is large whenever its true value is near the reference)."""
     if accuracy is None:
         return ""
-    slope, offset, errors = accuracy
+    slope, offset, errors, absolute = accuracy
     nuclei = " ".join(f"{name} {100 * errors[name]:+5.1f}" for name in DEEP_NUCLEI if name in errors)
-    return f" | ref {label}: slope {slope:4.2f} offset {1000 * offset:+5.1f} ppb, {nuclei} %"
+    thalamus = (f" (TH true {1000 * absolute['TH'][0]:+5.1f}, error {1000 * absolute['TH'][1]:+5.1f} ppb)"
+                if "TH" in absolute else "")
+    return f" | ref {label}: slope {slope:4.2f} offset {1000 * offset:+5.1f} ppb, {nuclei} %{thalamus}"
 
 
 # ----------------------------------------------------------------------------------- measuring
@@ -297,15 +311,29 @@ def evidence_poses(poses: int) -> list:
     return makers
 
 
-def evidence_block(workdir: Path, poses: int) -> None:
-    """Whole chains from raw phase on every data set the defaults are decided on."""
-    datasets = [lambda: honest_dataset(5, 0.0), lambda: honest_dataset(6, 21.0)] + evidence_poses(poses)
-    datasets += [lambda: qsm_forward_dataset(3.0, workdir), lambda: qsm_forward_dataset(7.0, workdir),
-                 brain_phantom_dataset]
+def evidence_datasets(workdir: Path, poses: int) -> dict:
+    """Makers of the evidence block's data sets by key: ``h5`` the supersampled phantom straight,
+    ``h6`` tilted 21 degrees, ``r0``, ``r1``, ... its random poses, ``qf3``/``qf7`` qsm-forward
+    3/7 T, ``sg`` the single-grid phantom."""
+    makers = {"h5": lambda: honest_dataset(5, 0.0), "h6": lambda: honest_dataset(6, 21.0)}
+    makers.update({f"r{index}": pose for index, pose in enumerate(evidence_poses(poses))})
+    makers.update({"qf3": lambda: qsm_forward_dataset(3.0, workdir), "qf7": lambda: qsm_forward_dataset(7.0, workdir),
+                   "sg": brain_phantom_dataset})
+    return makers
+
+
+def evidence_block(workdir: Path, poses: int, datasets=None, candidates=None) -> None:
+    """Whole chains from raw phase on every data set the defaults are decided on.
+
+    ``datasets``: keys of :func:`evidence_datasets` (all by default); ``candidates``: keys of
+    :data:`CANDIDATES` (all by default).
+    """
+    makers = evidence_datasets(workdir, poses)
+    chosen = {label: CANDIDATES[label] for label in (candidates or CANDIDATES)}
     print(f"{'dataset':30s} {'simulation':31s} {'chain':26s} {'NRMSE%':>7} {'cover':>6} {'seconds':>8}")
-    for make in datasets:
-        data = make()
-        for label, (preset, overrides) in CANDIDATES.items():
+    for key in datasets or makers:
+        data = makers[key]()
+        for label, (preset, overrides) in chosen.items():
             config = load_config(preset, overrides=[f"{key}={_yaml_value(value)}" for key, value in overrides.items()])
             try:
                 (chi, mask), seconds, _ = measured(chain, data, config)
@@ -369,6 +397,82 @@ def audit_block() -> None:
                            for lo, hi in bands)
         print(f"{name:24s} accurate chain NRMSE {metrics.nrmse(chi, truth, evaluated):5.1f} %; share of squared error by depth: {shares}",
               flush=True)
+
+
+#: Depth bands (mm from the brain's edge) of :func:`stages_block`.
+DEPTH_BANDS = ((0.0, 2.0), (2.0, 4.0), (4.0, 8.0), (8.0, 16.0), (16.0, np.inf))
+
+
+def _shell_cells(chi, truth, evaluated, depth):
+    """Whole-mask NRMSE, then per depth band the band's NRMSE (error norm / truth norm in the band,
+    both demeaned over ``evaluated``) and its share of the squared error."""
+    x, y = (np.where(evaluated, a - a[evaluated].mean(), 0.0) for a in (chi, truth))
+    squared = (x - y) ** 2
+    cells = []
+    for lo, hi in DEPTH_BANDS:
+        band = evaluated & (depth > lo) & (depth <= hi)
+        cells.append(f"{100 * np.sqrt(squared[band].sum() / (y[band] ** 2).sum()):4.0f}/{squared[band].sum() / squared.sum():4.2f}")
+    return f"{metrics.nrmse(chi, truth, evaluated):6.1f} | " + "  ".join(cells)
+
+
+def _shell_rms(field, region, depth):
+    """RMS (ppb) of ``field`` demeaned over ``region``, per depth band."""
+    values = np.where(region, field - field[region].mean(), 0.0)
+    return "  ".join(f"{1000 * np.sqrt((values[region & (depth > lo) & (depth <= hi)] ** 2).mean()):5.1f}"
+                     for lo, hi in DEPTH_BANDS)
+
+
+def stages_block(workdir: Path, poses: int, datasets=None) -> None:
+    """Which stage of the ``accurate`` chain loses the accuracy on the supersampled phantom.
+
+    Per data set (:func:`evidence_datasets`; default the straight and 21-degree heads and the random
+    poses), the Chimap NRMSE over the brain and, per depth band from the brain's edge
+    (:data:`DEPTH_BANDS`), the band's NRMSE / share of the squared error, for: weighted TV from the
+    true local field (the inversion alone); PDF fed the true local field alone, no background at
+    all (what PDF takes of the brain's own field); the true local field plus what PDF leaves of
+    the true background field (the background PDF cannot remove); PDF from the true total field
+    in the true brain mask (background removal with perfect input); and the whole chain from raw
+    phase. Field rows (RMS per band, ppb): the true local field, the part of it PDF removes, what
+    PDF leaves of the background, and the chain's echo-fit total field minus the true one.
+    """
+    import scipy.ndimage as ndi
+
+    config = load_config("accurate")
+    makers = evidence_datasets(workdir, poses)
+    bands = "  ".join(f"{lo:g}-{hi:g}mm" for lo, hi in DEPTH_BANDS)
+    print(f"{'dataset':24s} {'case':44s} {'NRMSE%':>6} | per band NRMSE%/share: {bands}")
+    for key in datasets or ["h5", "h6"] + [f"r{index}" for index in range(poses)]:
+        data = makers[key]()
+        name, mask, vs, b0, truth = data["name"], data["mask"], data["voxel_size"], data["b0_direction"], data["chi"]
+        depth = ndi.distance_transform_edt(mask, sampling=vs)
+        parameters = method_parameters(config, "background")
+
+        def pdf(field, region):
+            return background.pdf(field, region, vs, b0_direction=b0, **parameters)
+
+        def invert(field, region):
+            return inversion.weighted_tv(field, region, vs, b0_direction=b0, **method_parameters(config, "inversion"))
+
+        true_local, true_background = data["local_ppm"], (data["total_ppm"] - data["local_ppm"]).astype(np.float32)
+        kept_local, _ = pdf(true_local, mask)
+        left_background, _ = pdf(true_background, mask)
+        from_total, _ = pdf(data["total_ppm"], mask)
+        cases = {"weighted TV from the true local field": (true_local, mask),
+                 "PDF of the true local field alone, + wTV": (kept_local, mask),
+                 "true local + PDF's leftover background, + wTV": ((true_local + left_background).astype(np.float32), mask),
+                 "PDF of the true total field, + wTV": (from_total, mask)}
+        for case, (field, region) in cases.items():
+            print(f"{name:24s} {case:44s} {_shell_cells(invert(field, region), truth, mask, depth)}", flush=True)
+        chi, kept = chain(data, config)
+        print(f"{name:24s} {'accurate chain from raw phase':44s} {_shell_cells(chi, truth, kept & mask, depth)}", flush=True)
+        _, _, fit = local_field_chain(data, config)
+        total = dipole.hz_to_ppm(fit["field_hz"], data["field_strength"])
+        rows = {"true local field": (true_local, mask), "its part PDF removes": (true_local - kept_local, mask),
+                "background PDF leaves": (left_background, mask),
+                "chain's total field - true total": (total - data["total_ppm"], kept & mask)}
+        for label, (field, region) in rows.items():
+            print(f"{name:24s} {'RMS ppb: ' + label:44s} {'':6s} | {_shell_rms(field, region, depth)}")
+        sys.stdout.flush()
 
 
 # ----------------------------------------------------------------------------------- timing
@@ -553,9 +657,14 @@ def main():
     parser.add_argument("--evidence", action="store_true",
                         help="only the chains the preset defaults are decided on (honest phantom poses, qsm-forward)")
     parser.add_argument("--poses", type=int, default=2, help="random head poses of the evidence block")
+    parser.add_argument("--datasets", help="evidence block: comma-separated data sets (h5, h6, r0, r1, ..., qf3, qf7, sg)")
+    parser.add_argument("--candidates", help="evidence block: comma-separated chains of CANDIDATES (e.g. fast,default,accurate)")
     parser.add_argument("--audit", action="store_true",
                         help="only the checks of the simulation and the metric (true local field, methods fed the local field alone)")
     parser.add_argument("--chains-only", action="store_true", help="timing block: only the presets' whole chains")
+    parser.add_argument("--stages", action="store_true",
+                        help="only the stage block: which stage of the accurate chain loses the accuracy, by depth "
+                             "from the brain's edge (supersampled phantom; --datasets, --poses)")
     parser.add_argument("--cosmos", action="store_true",
                         help="only the COSMOS block: a tilted head in three runs, COSMOS vs truth and vs each preset")
     parser.add_argument("--workdir", type=Path, help="where qsm-forward datasets are written (default: a temporary folder)")
@@ -564,7 +673,11 @@ def main():
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
         if args.evidence:
-            evidence_block(workdir, args.poses)
+            evidence_block(workdir, args.poses, args.datasets and args.datasets.split(","),
+                           args.candidates and args.candidates.split(","))
+            return
+        if args.stages:
+            stages_block(workdir, args.poses, args.datasets and args.datasets.split(","))
             return
         if args.audit:
             audit_block()
