@@ -291,6 +291,8 @@ CANDIDATES = {
     "accurate + edge w.": ("accurate", {"inversion.edge_weight": True}),
     "accurate, vsharp": ("accurate", {"background.method": "vsharp"}),
     "accurate, tfi": ("accurate", {"inversion.method": "tfi"}),
+    "accurate wTV 1e-4": ("accurate", {"inversion.weighted_tv.regularization": 1e-4}),
+    "accurate wTV 1.5e-4": ("accurate", {"inversion.weighted_tv.regularization": 1.5e-4}),
 }
 
 
@@ -658,7 +660,8 @@ def main():
                         help="only the chains the preset defaults are decided on (honest phantom poses, qsm-forward)")
     parser.add_argument("--poses", type=int, default=2, help="random head poses of the evidence block")
     parser.add_argument("--datasets", help="evidence block: comma-separated data sets (h5, h6, r0, r1, ..., qf3, qf7, sg)")
-    parser.add_argument("--candidates", help="evidence block: comma-separated chains of CANDIDATES (e.g. fast,default,accurate)")
+    parser.add_argument("--candidates", help="evidence block: comma-separated chains of CANDIDATES (e.g. fast,default,accurate); "
+                                             "separate them by semicolons when a label has a comma")
     parser.add_argument("--audit", action="store_true",
                         help="only the checks of the simulation and the metric (true local field, methods fed the local field alone)")
     parser.add_argument("--chains-only", action="store_true", help="timing block: only the presets' whole chains")
@@ -674,7 +677,7 @@ def main():
         workdir.mkdir(parents=True, exist_ok=True)
         if args.evidence:
             evidence_block(workdir, args.poses, args.datasets and args.datasets.split(","),
-                           args.candidates and args.candidates.split(","))
+                           args.candidates and args.candidates.split(";" if ";" in args.candidates else ","))
             return
         if args.stages:
             stages_block(workdir, args.poses, args.datasets and args.datasets.split(","))
