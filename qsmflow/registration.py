@@ -445,6 +445,25 @@ def _child_setup():
     return functools.partial(_die_with_parent, os.getpid(), ctypes.CDLL(None, use_errno=True).prctl)
 
 
+#: The child's program. It loads antspyx's compiled library alone: ``import ants`` also imports
+#: its plotting, learning and deep-learning modules (matplotlib, scikit-learn, statsmodels), about
+#: 3 s of CPU per registration, most of a small registration's time. The arguments name files
+#: only, so nothing else of antspyx is needed.
+_ANTS_REGISTRATION_CHILD = """
+import glob, importlib.util, json, os, sys
+package = importlib.util.find_spec("ants").submodule_search_locations[0]
+libraries = glob.glob(os.path.join(package, "lib.*.so")) + glob.glob(os.path.join(package, "lib.*.pyd"))
+if libraries:
+    spec = importlib.util.spec_from_file_location("ants.lib", libraries[0])
+    lib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lib)
+else:  # another layout of antspyx: the same library through the package
+    import ants
+    lib = ants.lib
+sys.exit(lib.antsRegistration(json.loads(sys.stdin.read())))
+"""
+
+
 def _run_ants_registration(arguments: list[str], threads: int) -> None:
     """Run antsRegistration in a child process whose ITK uses exactly ``threads`` threads.
 
@@ -454,9 +473,7 @@ def _run_ants_registration(arguments: list[str], threads: int) -> None:
     ITK's multi-threaded metric sums make transforms differ between runs in the last digits.
     """
     environment = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(int(threads)))
-    code = ("import json, sys, ants; "
-            "sys.exit(ants.lib.antsRegistration(json.loads(sys.stdin.read())))")
-    completed = subprocess.run([sys.executable, "-c", code], input=json.dumps(arguments), text=True,
+    completed = subprocess.run([sys.executable, "-c", _ANTS_REGISTRATION_CHILD], input=json.dumps(arguments), text=True,
                                env=environment, capture_output=True, preexec_fn=_child_setup())
     if completed.returncode != 0:
         message = (completed.stderr or completed.stdout).strip().splitlines()
