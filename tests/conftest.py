@@ -74,3 +74,10 @@ def bids_validator_errors(dataset: Path) -> list[str]:
 #: reference regions and reports have tests of their own.
 RECONSTRUCTION_ONLY = ("--set", "segmentation.enabled=false", "--set", "reference.method=mean",
                        "--set", "report.enabled=false")
+
+
+#: Command-line settings for tests that need the segmentation's outputs (names, sidecars, reports)
+#: but not its accuracy (tests/test_segmentation.py measures that): a short registration schedule.
+QUICK_REGISTRATION = ("--set", "segmentation.registration.stages.rigid.iterations=[100,50,0]",
+                      "--set", "segmentation.registration.stages.affine.iterations=[100,50,0]",
+                      "--set", "segmentation.registration.stages.syn.iterations=[10,5,0]")

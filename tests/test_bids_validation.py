@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import bids_validator_errors
+from conftest import QUICK_REGISTRATION, bids_validator_errors
 from qsmflow import cli, simulate
 
 
@@ -21,7 +21,7 @@ def participant_run(tmp_path_factory):
     out = root / "out"
     # 4 mm voxels: the eroded ventricles of the CSF reference vanish, so the brain reference
     code = cli.main([str(bids), str(out), "participant", "--config", "fast", "--work-dir", str(root / "work"),
-                     "--progress", "off", "--set", "reference.method=brain"])
+                     "--progress", "off", "--set", "reference.method=brain", *QUICK_REGISTRATION])
     assert code == 0
     return bids, out
 
