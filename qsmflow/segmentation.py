@@ -455,17 +455,26 @@ def read_table(path) -> tuple:
 
 def refine_by_contrast(labels, chi, table, *, rois=("RN", "SN", "DN"), voxel_size=(1.0, 1.0, 1.0),
                        search_mm: float = 2.0, ring_mm: float = 4.0, min_contrast: float = 3.0,
-                       mask=None) -> np.ndarray:
+                       fraction: float = 0.4, mask=None) -> np.ndarray:
     """Keep the paramagnetic core of small iron-rich nuclei inside their atlas search region.
 
     For each label of ``rois``, the search region is the label dilated by ``search_mm``; the
     background is the median susceptibility of the surrounding ring (the next ``ring_mm``
     outside the search region, other labels excluded), the peak the 90th percentile inside the
     atlas label, and the refined label is the search region's voxels (not of another label)
-    above half-way between them (a half-maximum rule). Where the peak does not exceed the
+    above ``background + fraction * (peak - background)``. Where the peak does not exceed the
     background by ``min_contrast`` robust standard deviations of the ring (no visible nucleus),
-    the atlas label is kept. Selecting voxels by their value biases the ROI's mean upward under noise; ROI statistics
-    report it as refined.
+    the atlas label is kept. Unlabelled voxels in the search regions of two nuclei go to the one
+    whose atlas label is nearer (independent of the table's order). Selecting voxels by their
+    value biases the ROI's mean upward under noise; ROI statistics report it as refined.
+
+    ``fraction`` 0.4 rather than the half-maximum 0.5: a nucleus of a few dozen voxels is
+    blurred by the acquisition and by the regularised inversion, so its edge voxels fall below
+    half of the reconstructed peak and a half-maximum core misses them. Simulated subjects
+    (``tests/benchmarks/segmentation.py``, 2 mm, seeds 3/4/5/6, TV-ADMM Chimap), largest error
+    of the ROI mean of the true map, RN/SN/DN: atlas labels 0.0089/0.0091/0.0137 ppm, fraction
+    0.5 0.0108/0.0120/0.0060, 0.4 0.0045/0.0064/0.0018 ppm (mean Dice 0.88/0.74/0.75,
+    0.87/0.84/0.91, 0.88/0.85/0.92).
 
     Parameters
     ----------
@@ -476,6 +485,8 @@ def refine_by_contrast(labels, chi, table, *, rois=("RN", "SN", "DN"), voxel_siz
         Abbreviations to refine.
     voxel_size : sequence of 3 floats (mm)
     search_mm, ring_mm, min_contrast : float
+    fraction : float
+        Share of the way from the background to the peak where the core starts.
     mask : bool array, optional
         Voxels where ``chi`` is valid (e.g. the QSM mask).
 
@@ -489,6 +500,10 @@ def refine_by_contrast(labels, chi, table, *, rois=("RN", "SN", "DN"), voxel_siz
         raise ValueError(f"labels {labels.shape} and chi {chi.shape} differ in shape")
     valid = np.ones(chi.shape, bool) if mask is None else np.asarray(mask, bool)
     refined = labels.astype(np.int16).copy()
+    # Distance of each voxel to the atlas label of the refined nucleus that claimed it: two
+    # nuclei whose search regions overlap (RN and SN) share the unlabelled voxels between them by
+    # that distance, whatever their order in the table (the later one used to take them all).
+    claimed = np.full(chi.shape, np.inf, np.float32)
     for row in table:
         if row.abbreviation not in rois:
             continue
@@ -505,11 +520,13 @@ def refine_by_contrast(labels, chi, table, *, rois=("RN", "SN", "DN"), voxel_siz
         peak = float(np.percentile(chi[label & valid], 90)) if (label & valid).any() else background
         if peak - background <= min_contrast * spread:
             continue  # no paramagnetic core to find: keep the atlas label
-        core = search & (chi > 0.5 * (background + peak))
+        core = search & (chi > background + fraction * (peak - background))
         if core.sum() < 2:
             continue
         refined[label & ~core] = 0
-        refined[core] = row.index
+        take = core & (outside < claimed)
+        refined[take] = row.index
+        claimed[take] = outside[take]
     return refined
 
 

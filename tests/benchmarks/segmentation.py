@@ -144,6 +144,16 @@ def main(argv=None) -> None:
                                                       for sides in [side_dice(atlas, subject, labels)])
                           + "; |dmean| L/R " + " ".join(f"{r}={e[0]:.4f}/{e[1]:.4f}" for r in ("CN", "PU", "GP", "TH")
                                                          for e in [side_errors(atlas, subject, labels)[r]]), flush=True)
+                    if chi is not None:  # the workflow's final labels: RN, SN, DN refined by contrast
+                        refined = segmentation.refine_by_contrast(labels, chi, atlas.table, voxel_size=(resolution,) * 3,
+                                                                  mask=subject.brain_mask)
+                        before, after = side_errors(atlas, subject, labels), side_errors(atlas, subject, refined)
+                        dice_before, dice_after = side_dice(atlas, subject, labels), side_dice(atlas, subject, refined)
+                        print("     refined by contrast, |dmean| L/R and Dice L/R, atlas -> refined: " + " ".join(
+                            f"{r}={before[r][0]:.4f}/{before[r][1]:.4f}->{after[r][0]:.4f}/{after[r][1]:.4f} "
+                            f"({dice_before[r][0]:.2f}/{dice_before[r][1]:.2f}->{dice_after[r][0]:.2f}/{dice_after[r][1]:.2f})"
+                            for r in ("RN", "SN", "DN")), flush=True)
+                        labels = refined
                     if arguments.end_to_end:
                         reconstructed = end_to_end_errors(atlas, subject, labels, chi)
                         print("     end to end (Chimap ROI mean - true ROI mean, ppm): "
