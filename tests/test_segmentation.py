@@ -340,8 +340,11 @@ def test_segmentation_workflow_outputs_cache_and_reruns(tmp_path, request):
     from qsmflow import simulate
 
     bids = simulate.write_bids_dataset(tmp_path / "bids", [("01", 50.0)], shape=(44, 52, 44), voxel_size=(4.0, 4.0, 4.0))
+    from conftest import QUICK_REGISTRATION
+
+    # Outputs, caching and reruns, not accuracy (the registered_subject tests): a short schedule.
     settings = ["--set", "segmentation.enabled=true", "--set", "reference.method=csf", "--nprocs", "2",
-                "--set", "segmentation.registration.preset=fast"]
+                "--set", "segmentation.registration.preset=fast", *QUICK_REGISTRATION]
     # A run from scratch (its own output and work directories), started now beside the first run
     # (the registration uses one core): compared byte for byte with the first run's outputs below.
     scratch = _qsmflow(bids, tmp_path / "out2", "participant", "--work-dir", tmp_path / "work2", *settings, wait=False)
