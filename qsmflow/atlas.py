@@ -733,7 +733,10 @@ def band_template_for_age(template_dir, age: float) -> dict:
     -------
     dict with ``template`` (the cohort's magnitude template, ``_T2starw``), ``brain_mask``,
     ``labels`` (``_dseg.nii.gz``), ``table`` (``_dseg.tsv``), ``name`` (``<name>cohort<k>``, for
-    ``space-`` entities) and ``cohort``: what :func:`qsmflow.segmentation.load_user_atlas` reads.
+    ``space-`` entities) and ``cohort``: what :func:`qsmflow.segmentation.load_user_atlas` reads;
+    when the atlas has them, ``chi`` (the cohort's Chimap), ``source_labels`` (the labelled
+    template's labels) and ``label_transform`` (cohort -> labelled template), which
+    :func:`band_segmentation_atlas` uses.
 
     Raises
     ------
@@ -761,4 +764,36 @@ def band_template_for_age(template_dir, age: float) -> dict:
     for role, path in files.items():
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist (the {role} of cohort {cohort} of {template_dir})")
+    # the cohort's Chimap (the susceptibility channel's template) and its labelled template's
+    # labels with the cohort -> labelled-template field (labels carried in one resampling);
+    # atlases built before these outputs existed lack them
+    optional = {"chi": Path(f"{stem}_Chimap.nii.gz"),
+                "source_labels": template_dir / f"tpl-{name}_desc-labelled_dseg.nii.gz",
+                "label_transform": Path(f"{stem}_from-labelled_mode-image_xfm.nii.gz")}
+    files.update({role: path for role, path in optional.items() if path.is_file()})
     return {**{k: str(v) for k, v in files.items()}, "name": f"{name}cohort{cohort}", "cohort": cohort}
+
+
+def band_segmentation_atlas(files: dict):
+    """The :class:`qsmflow.segmentation.Atlas` of a cohort (:func:`band_template_for_age`'s files).
+
+    Template: the cohort's magnitude template; brain mask: its mask; labels: its ``dseg``. With
+    the cohort's Chimap, that is the susceptibility channel's template (the cohort's own contrast,
+    e.g. a child's low pallidal iron, instead of adult values painted on the labels); with the
+    labelled template's labels and the cohort's field to them, the labels reach a scan in one
+    resampling (scan -> cohort -> labelled template) instead of being resampled twice, which
+    erodes the thin caudate (tests/benchmarks/atlas.py, held-out subjects).
+    """
+    import nibabel as nib
+
+    from . import segmentation
+
+    atlas = segmentation.load_user_atlas(files["template"], files["labels"], files["table"], name=files["name"])
+    atlas.brain_mask = np.asarray(nib.load(files["brain_mask"]).dataobj) > 0.5
+    if "chi" in files:
+        atlas.chi = np.asarray(nib.load(files["chi"]).dataobj, dtype=np.float32)
+    if "source_labels" in files and "label_transform" in files:
+        source = nib.load(files["source_labels"])
+        atlas.label_source = (np.rint(np.asarray(source.dataobj)).astype(np.int16), source.affine,
+                              [files["label_transform"]])
+    return atlas

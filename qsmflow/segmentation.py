@@ -72,6 +72,14 @@ class Atlas:
     table : tuple of AtlasLabel
     name : str
         Template identifier used in file names (``space-<name>``).
+    chi : float32 array, optional
+        A susceptibility template on the grid (e.g. a built atlas cohort's Chimap, ppm): the
+        susceptibility channel's template image instead of :func:`susceptibility_prior`.
+    label_source : tuple, optional
+        ``(labels, affine, transforms)``: the labels on their own grid and the transforms from
+        this template's points to it (a built atlas cohort: its labelled template's labels and
+        its ``from-labelled`` field), so that :func:`template_to_subject` carries them to a scan
+        in one resampling instead of resampling ``labels`` a second time.
     """
 
     template: np.ndarray
@@ -80,6 +88,8 @@ class Atlas:
     affine: np.ndarray
     table: tuple
     name: str = DEFAULT_TEMPLATE
+    chi: np.ndarray | None = None
+    label_source: tuple | None = None
 
 
 #: ROI abbreviation -> (full name, kind, base index). Left labels are base + 100, right base + 200.
@@ -859,7 +869,8 @@ def template_to_subject(magnitude, brain_mask, subject_affine, atlas: Atlas, *, 
             raise ValueError(f"chi {chi.shape} and the brain mask {np.asarray(brain_mask).shape} differ in shape")
         valid = np.asarray(qsm_mask, bool) & np.isfinite(chi)
         fixed_chi = np.where(valid, chi - float(np.median(chi[valid])) if valid.any() else 0.0, 0.0).astype(np.float32)
-        prior = registration.to_ants(susceptibility_prior(atlas), atlas.affine)
+        prior = registration.to_ants(susceptibility_prior(atlas) if atlas.chi is None else
+                                     np.where(atlas.brain_mask, atlas.chi, 0.0).astype(np.float32), atlas.affine)
         channels.append(registration.Channel(registration.to_ants(fixed_chi, subject_affine),
                                              _template_on_subject_grid(prior, voxel_size, template_voxel),
                                              weight=float(susceptibility_weight), stages=tuple(susceptibility_stages)))
@@ -867,7 +878,13 @@ def template_to_subject(magnitude, brain_mask, subject_affine, atlas: Atlas, *, 
                                    channels=channels, fixed_mask=fixed_mask,
                                    seed=registration.DEFAULT_SEED if seed is None else seed,
                                    threads=threads, output_dir=output_dir)
-    labels = registration.apply_transform(fixed, registration.to_ants(atlas.labels.astype(np.float32), atlas.affine),
-                                          result.forward, interpolation="genericLabel").numpy()
+    if atlas.label_source is None:
+        labels = registration.apply_transform(fixed, registration.to_ants(atlas.labels.astype(np.float32), atlas.affine),
+                                              result.forward, interpolation="genericLabel").numpy()
+    else:  # one resampling from the labels' own grid through this registration and the template's own transforms
+        source, source_affine, source_transforms = atlas.label_source
+        labels = registration.apply_transform(fixed, registration.to_ants(np.asarray(source, np.float32), source_affine),
+                                              list(result.forward) + [str(t) for t in source_transforms],
+                                              interpolation="genericLabel").numpy()
     warped = registration.apply_transform(fixed, registration.to_ants(atlas.template, atlas.affine), result.forward).numpy()
     return labels.astype(np.int16), warped.astype(np.float32), result

@@ -118,7 +118,9 @@ def test_shape_update_moves_the_template_to_the_mean_shape(tmp_path):
     # Start from the smallest sphere: a biased initial template.
     template = atlas.build_template(spheres, spheres, intensities, masks, tmp_path, iterations=2, initial=spheres[0],
                                     initial_transform="affine", transform="affine", blending_weight=1.0, threads=1,
-                                    stages={"rigid": {"metric": "meansquares"}, "affine": {"metric": "meansquares"}})
+                                    stages={stage: {"metric": "meansquares", "iterations": (100, 50, 0),
+                                                    "shrink_factors": (4, 2, 1), "smoothing_sigmas": (2, 1, 0)}
+                                            for stage in ("rigid", "affine")})
     volume = float((template.chi.numpy() > 0.5).sum())
     radius = (3 * volume / (4 * np.pi)) ** (1 / 3)
     assert radius == pytest.approx(8.0, abs=0.5)
@@ -241,3 +243,49 @@ def test_segmentation_uses_the_built_atlas_cohort_nearest_the_age(tmp_path):
     assert workflow.get_node("atlas").inputs.template.endswith("tpl-Test_cohort-2_res-2_T2starw.nii.gz")
     with pytest.raises(ValueError, match="has no age"):
         init_segmentation_wf(config, tmp_path / "out", entities={"subject": "01"}, source_file="x.nii.gz")
+
+
+def test_band_labels_reach_a_scan_in_one_resampling_with_the_band_chimap(tmp_path):
+    """A built cohort's files give an atlas whose labels come from the labelled template through the
+    cohort's own field (one resampling), and whose susceptibility channel is the cohort's Chimap."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    from qsmflow import segmentation
+
+    shape, voxel = (24, 24, 24), 2.0
+    affine = np.diag([voxel, voxel, voxel, 1.0])
+    affine[:3, 3] = -voxel * (np.asarray(shape) - 1) / 2
+    blob = ndimage.gaussian_filter(_sphere(shape, 8.0) + 0.5 * _sphere(shape, 3.0, centre=(9, 11, 12)), 1.0)
+    mask = _sphere(shape, 10.0)
+    source = np.zeros(shape, np.int16)
+    source[_sphere(shape, 3.0, centre=(11, 11, 11)) > 0] = 101  # labelled template: PU_L around voxel 11
+    wrong = np.zeros(shape, np.int16)
+    wrong[_sphere(shape, 3.0, centre=(14, 14, 14)) > 0] = 101  # the cohort's own dseg: elsewhere
+    folder = _fake_built_atlas(tmp_path)
+    stem = folder / "cohort-1" / "tpl-Test_cohort-1_res-2"
+    for suffix, data in (("T2starw", blob), ("desc-brain_mask", mask), ("dseg", wrong), ("Chimap", 0.1 * blob)):
+        nib.save(nib.Nifti1Image(np.asarray(data, np.float32), affine), f"{stem}_{suffix}.nii.gz")
+    nib.save(nib.Nifti1Image(source.astype(np.float32), affine), str(folder / "tpl-Test_desc-labelled_dseg.nii.gz"))
+    segmentation.write_table(f"{stem}_dseg.tsv", segmentation.default_table())
+    # cohort points -> labelled-template points: +4 mm along ITK x (2 voxels)
+    field = atlas.displacement_field(_image(blob), [_translation(tmp_path / "t.mat", (4.0, 0.0, 0.0))],
+                                     f"{stem}_from-labelled_mode-image_xfm.nii.gz")
+    files = atlas.band_template_for_age(folder, 4.0)
+    assert {"chi", "source_labels", "label_transform"} <= set(files) and files["label_transform"] == field
+    band = atlas.band_segmentation_atlas(files)
+    assert np.allclose(band.chi, 0.1 * blob, atol=1e-6) and band.label_source is not None
+    expected = atlas.apply_transforms(_image(blob), _image(source.astype(np.float32)), [field],
+                                      interpolator="genericLabel").numpy() == 101
+    quick = {s: {"iterations": (20, 10, 0), "shrink_factors": (4, 2, 1), "smoothing_sigmas": (2, 1, 0)}
+             for s in ("rigid", "affine", "syn")}
+    scores = {}
+    for name, candidate in (("once", band), ("own dseg", atlas.band_segmentation_atlas(
+            {k: v for k, v in files.items() if k not in ("source_labels", "label_transform")}))):
+        # the scan is the cohort template itself: the registration is the identity
+        labels, _, _ = segmentation.template_to_subject(blob, mask > 0, affine, candidate, stages=quick, threads=1,
+                                                        chi=0.1 * blob, qsm_mask=mask > 0, susceptibility_weight=0.5)
+        found = labels == 101
+        scores[name] = 2 * (found & expected).sum() / (found.sum() + expected.sum())
+    assert scores["once"] > 0.9, scores
+    assert scores["own dseg"] < 0.5, scores  # without the label source the cohort's own dseg is carried

@@ -60,6 +60,12 @@ def test_atlas_level_outputs_units_and_rerun_of_one_band(tmp_path):
     for stage in ("rigid", "affine"):
         options += ["--set", f"atlas.registration.stages.{stage}.iterations=[20,10,0]"]
     options += ["--set", "atlas.registration.stages.syn.iterations=[10,5,0]"]
+    # the parcellation's registrations (labelled template -> each template) as short: this test
+    # checks outputs, units and reruns, not accuracy (tests/benchmarks/atlas.py measures that)
+    for stage, iterations in (("rigid", "[20,10,0]"), ("affine", "[20,10,0]"), ("syn", "[10,5,0]")):
+        options += ["--set", f"atlas.parcellation.stages.{stage}.iterations={iterations}",
+                    "--set", f"atlas.parcellation.stages.{stage}.shrink_factors=[4,2,1]",
+                    "--set", f"atlas.parcellation.stages.{stage}.smoothing_sigmas=[2,1,0]"]
     assert main([str(bids), str(out), "atlas", *options]) == 0
     from conftest import bids_validator_errors
 
@@ -72,10 +78,11 @@ def test_atlas_level_outputs_units_and_rerun_of_one_band(tmp_path):
     for band in ("1", "2"):
         stem = tpl / f"cohort-{band}" / f"tpl-Test_cohort-{band}_res-6"
         for suffix in ("_Chimap.nii.gz", "_T2starw.nii.gz", "_desc-hybrid_T2starw.nii.gz", "_desc-brain_mask.nii.gz",
-                       "_dseg.nii.gz", "_dseg.tsv", "_desc-atlas_roistats.tsv"):
+                       "_dseg.nii.gz", "_dseg.tsv", "_desc-atlas_roistats.tsv", "_from-labelled_mode-image_xfm.nii.gz"):
             assert Path(f"{stem}{suffix}").is_file(), f"{stem}{suffix}"
     for name in ("tpl-Test_res-6_Chimap.nii.gz", "tpl-Test_res-6_dseg.nii.gz", "tpl-Test_res-6_from-cohort1_mode-image_xfm.nii.gz",
-                 "tpl-Test_res-6_from-sub03_mode-image_xfm.nii.gz", "index.html", "figures/montage.png"):
+                 "tpl-Test_res-6_from-sub03_mode-image_xfm.nii.gz", "tpl-Test_desc-labelled_dseg.nii.gz", "index.html",
+                 "figures/montage.png"):
         assert (tpl / name).is_file(), name
     # chi is averaged in ppm: the band template keeps the cohort's range (no intensity normalisation)
     chi = np.asarray(nib.load(str(tpl / "cohort-2" / "tpl-Test_cohort-2_res-6_Chimap.nii.gz")).dataobj)

@@ -27,6 +27,13 @@ from qsmflow.workunits import declare_unit
 _TEMPLATE_FIELDS = ("hybrid", "chi", "intensity", "brain_mask")
 
 
+def _utility(interface, name: str):
+    """A bookkeeping node (Merge, Select): run in the scheduler's process, not sent to a worker,
+    so that the many list nodes of the template iterations add no round trip through the pool
+    (nipype's ``run_without_submitting``; cached as any node)."""
+    return pe.Node(interface, name=name, run_without_submitting=True)
+
+
 def safe_name(text: str) -> str:
     """A nipype node name made of ``text``."""
     return re.sub(r"[^A-Za-z0-9]", "_", str(text))
@@ -74,7 +81,7 @@ def init_template_wf(inputs, atlas: dict, *, threads: int = 1, mem_gb: float = 1
         fields=list(_TEMPLATE_FIELDS) + [f"transform_{k}" for k in range(count)] + ["sharpness"]), name="outputnode")
 
     def merge(node_name, field):
-        node = pe.Node(niu.Merge(count), name=node_name)
+        node = _utility(niu.Merge(count), name=node_name)
         workflow.connect([(inputnode, node, [(f"{field}_{k}", f"in{k + 1}") for k in range(count)])])
         return node
 
@@ -89,7 +96,7 @@ def init_template_wf(inputs, atlas: dict, *, threads: int = 1, mem_gb: float = 1
         transform = registration["initial_transform"] if iteration == 0 else registration["transform"]
         update = pe.Node(UpdateTemplate(gradient_step=atlas["gradient_step"], blending_weight=atlas["blending_weight"]),
                          name=f"update_{iteration}", mem_gb=mem_gb)
-        merges = {key: pe.Node(niu.Merge(count), name=f"merge_{key}_{iteration}")
+        merges = {key: _utility(niu.Merge(count), name=f"merge_{key}_{iteration}")
                   for key in ("hybrid", "chi", "intensity", "brain_mask", "field", "forward")}
         registrations = []
         for k in range(count):
@@ -113,9 +120,9 @@ def init_template_wf(inputs, atlas: dict, *, threads: int = 1, mem_gb: float = 1
         ])
         template_source, template_field, mask_source = update, "hybrid", update
 
-    composed = pe.Node(niu.Merge(count), name="merge_composed")
+    composed = _utility(niu.Merge(count), name="merge_composed")
     for k, register in enumerate(registrations):
-        chain = pe.Node(niu.Merge(2), name=f"chain_{safe_name(inputs[k])}")
+        chain = _utility(niu.Merge(2), name=f"chain_{safe_name(inputs[k])}")
         compose = pe.Node(ComposeTransforms(), name=f"compose_{safe_name(inputs[k])}", mem_gb=mem_gb)
         workflow.connect([
             (update, chain, [("update", "in1")]),
@@ -246,7 +253,13 @@ def init_atlas_wf(scans, bands, atlas: dict, output_dir, *, label_atlas: dict | 
                 spec["metadata"] = {**band_meta, **meta}
             specs.append(spec)
             sources.append(("parcellate", field.split(".", 1)[1]) if field.startswith("parcellate") else ("template_wf", field))
-        gather = pe.Node(niu.Merge(len(sources)), name="gather_outputs")
+        specs.append({"entities": {**entities, "from": "labelled", "mode": "image"}, "suffix": "xfm", "extension": ".nii.gz",
+                      "metadata": {"Description": f"cohort {cohort} template to the labelled template (desc-labelled_dseg "
+                                                  "of the atlas): displacement field (mm, ITK/LPS) on the template grid; "
+                                                  "with a scan's transform to this template, carries the labels to the "
+                                                  "scan in one resampling"}})
+        sources.append(("parcellate", "transform"))
+        gather = _utility(niu.Merge(len(sources)), name="gather_outputs")
         for index, (node_name, field) in enumerate(sources, start=1):
             source = parcellate if node_name == "parcellate" else template_wf
             band_wf.connect(source, field, gather, f"in{index}")
@@ -287,6 +300,10 @@ def _connect_step_two_outputs(workflow, step_two, bands, band_outputs, labelled,
     nodes = []
 
     def node(interface, node_name, **kwargs):
+        if isinstance(interface, (niu.Merge, niu.Select)):
+            created = _utility(interface, node_name)
+            nodes.append(created)
+            return created
         created = pe.Node(interface, name=node_name, mem_gb=kwargs.pop("mem_gb", mem_gb), **kwargs)
         nodes.append(created)
         return created
@@ -377,6 +394,12 @@ def _connect_step_two_outputs(workflow, step_two, bands, band_outputs, labelled,
         specs.append({"entities": {**entities, **extra}, "suffix": suffix, "extension": extension,
                       **({"metadata": {"Description": "template of the cohort templates", **meta}} if meta is not None else {})})
         sources.append((step_two, field))
+    for field, extension in (("labels", ".nii.gz"), ("table", ".tsv")):
+        specs.append({"entities": {**entities, "res": None, "desc": "labelled"}, "suffix": "dseg", "extension": extension,
+                      **({"metadata": {"Description": "the labelled template's labels on its own grid (the source of "
+                                                      "every parcellation; cohort-<k>/..._from-labelled_xfm maps to it)"}}
+                         if extension == ".nii.gz" else {})})
+        sources.append((labelled, field))
     for field, suffix, extension in (("dseg_tsv", "dseg", ".tsv"), ("dseg", "dseg", ".nii.gz")):
         specs.append({"entities": dict(entities), "suffix": suffix, "extension": extension,
                       **({"metadata": {"Description": "whole-brain parcellation of the atlas"}} if extension == ".nii.gz" else {})})

@@ -123,6 +123,12 @@ def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_fil
                                         susceptibility_weight=float(registration["susceptibility_weight"]),
                                         susceptibility_stages=list(registration["susceptibility_stages"])),
                        name="register_template", mem_gb=3.0, n_procs=threads)
+    if built:  # the cohort's Chimap as the channel's template, its labelled template's labels carried once
+        if "chi" in cohort_files:
+            register.inputs.template_chi = cohort_files["chi"]
+        if "source_labels" in cohort_files and "label_transform" in cohort_files:
+            register.inputs.source_labels = cohort_files["source_labels"]
+            register.inputs.label_transforms = [cohort_files["label_transform"]]
     labels = pe.Node(SubjectLabels(refine=list(segmentation["refine"])), name="subject_labels", mem_gb=1.0, n_procs=1)
     reference = pe.Node(ReferenceSusceptibility(method=config["reference"]["method"]), name="reference_chi",
                         mem_gb=1.0, n_procs=1)

@@ -277,6 +277,8 @@ class _ParcellateOutputSpec(TraitedSpec):
     dseg = File(exists=True)
     dseg_tsv = File(exists=True)
     carried = File(exists=True, desc="the template's labels before the nuclei were redrawn")
+    transform = File(exists=True, desc="atlas points -> labelled template points, one displacement field on the "
+                                       "atlas grid (carries the template's labels to a scan in one resampling)")
     report = traits.Dict()
 
 
@@ -287,7 +289,7 @@ class Parcellate(SimpleInterface):
     output_spec = _ParcellateOutputSpec
 
     def _run_interface(self, runtime):
-        from qsmflow.atlas import parcellate
+        from qsmflow.atlas import displacement_field, parcellate
 
         result = parcellate(_read(self.inputs.hybrid), _read(self.inputs.chi), _read(self.inputs.brain_mask),
                             _read(self.inputs.template), _read(self.inputs.template_labels),
@@ -297,6 +299,8 @@ class Parcellate(SimpleInterface):
                             min_contrast=self.inputs.min_contrast, surroundings=self.inputs.surroundings)
         self._results["dseg"] = _write(result["labels"], "dseg.nii.gz")
         self._results["carried"] = _write(result["carried"], "carried_dseg.nii.gz")
+        self._results["transform"] = displacement_field(_read(self.inputs.hybrid), result["transforms"],
+                                                        Path.cwd() / "to_labelled_template_field.nii.gz")
         methods = {int(value): entry["method"] for value, entry in result["report"].items()}
         present = set(np.unique(result["labels"].numpy()).astype(int).tolist())
         path = Path("dseg.tsv").resolve()

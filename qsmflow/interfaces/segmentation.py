@@ -11,6 +11,7 @@ import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
+    InputMultiObject,
     SimpleInterface,
     TraitedSpec,
     isdefined,
@@ -151,6 +152,11 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
                                          desc="share of the susceptibility channel in the metric (0: magnitude only)")
     susceptibility_stages = traits.List(traits.Str, value=["syn"], usedefault=True,
                                         desc="stages that use the susceptibility channel")
+    template_chi = File(exists=True, desc="a susceptibility template on the template grid (a built atlas cohort's "
+                                          "Chimap): the channel's template instead of the label prior")
+    source_labels = File(exists=True, desc="the labels on their own grid (a built atlas' labelled template), "
+                                           "carried in one resampling through label_transforms")
+    label_transforms = InputMultiObject(File(exists=True), desc="template points -> source_labels points")
 
 
 class _RegisterOutputSpec(TraitedSpec):
@@ -175,6 +181,11 @@ class RegisterTemplate(SimpleInterface):
         mask = load_volume(self.inputs.brain_mask, dtype=np.uint8)[0] > 0
         atlas = _load_atlas(self.inputs.template, self.inputs.template_brain_mask, self.inputs.labels,
                             self.inputs.table, self.inputs.template_name)
+        if isdefined(self.inputs.template_chi):
+            atlas.chi = load_volume(self.inputs.template_chi)[0]
+        if isdefined(self.inputs.source_labels) and isdefined(self.inputs.label_transforms):
+            source, source_image = load_volume(self.inputs.source_labels, dtype=np.int16)
+            atlas.label_source = (source, source_image.affine, list(self.inputs.label_transforms))
         chi = qsm_mask = None
         if self.inputs.susceptibility_weight:
             if not (isdefined(self.inputs.chi) and isdefined(self.inputs.qsm_mask)):
@@ -192,9 +203,12 @@ class RegisterTemplate(SimpleInterface):
         self._results["inverse_transform"] = result.inverse[0]
         self._results["provenance"] = {**result.provenance(), "Preset": self.inputs.preset,
                                        "Template": self.inputs.template_name,
-                                       **({"SusceptibilityPrior": "qsmflow.segmentation.susceptibility_prior "
-                                                                  "(atlas labels, PRIOR_CHI)"}
-                                          if self.inputs.susceptibility_weight else {})}
+                                       **({"SusceptibilityPrior": str(self.inputs.template_chi)
+                                           if isdefined(self.inputs.template_chi) else
+                                           "qsmflow.segmentation.susceptibility_prior (atlas labels, PRIOR_CHI)"}
+                                          if self.inputs.susceptibility_weight else {}),
+                                       **({"LabelsCarriedFrom": str(self.inputs.source_labels)}
+                                          if atlas.label_source is not None else {})}
         return runtime
 
 

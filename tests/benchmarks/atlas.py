@@ -215,7 +215,7 @@ def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: 
     report = {"bands": {}}
     index = {row.abbreviation + "_" + row.hemisphere[0].upper(): row.index for row in labelled.table}
     print("\nband  scans  corr(min/median)  Dice CN/PU/GP/TH (band dseg vs truth)")
-    contrast_rows = []
+    contrast_rows, bounds = [], []
     for band in sorted(tpl.glob("cohort-*")):
         cohort = band.name.removeprefix("cohort-")
         sharp = list(csv.DictReader(open(next(band.glob("*_desc-registration_sharpness.tsv"))), delimiter="\t"))
@@ -261,9 +261,20 @@ def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: 
         for roi in ("CN", "PU", "GP", "TH"):
             values = [index[f"{roi}_L"], index[f"{roi}_R"]]
             dices[roi] = round(dice(np.isin(dseg, values), np.isin(consensus, values)), 3)
-        report["bands"][cohort] = {"correlations": correlations, "gp_contrast": contrast, "dice_band_dseg": dices}
+        bound = sharpness_bound(voxel_mm, [(s, subjects[s].age) for s in scans])
+        report["bands"][cohort] = {"correlations": correlations, "sharpness_bound": bound, "gp_contrast": contrast,
+                                   "dice_band_dseg": dices}
+        bounds.append((cohort, correlations, bound))
         print(f"{cohort:>4}  {len(scans):>5}  {min(correlations):.3f}/{np.median(correlations):.3f}        "
               + "/".join(f"{dices[r]:.2f}" for r in ("CN", "PU", "GP", "TH")))
+    print("\nsharpness (each registered subject's hybrid vs the sharpened band hybrid, inside the template's mask)"
+          "\nagainst what perfect registration reaches on these subjects (sharpness_bound: each subject's own sulci,"
+          "\nventricles and chi deviations are all that differ) and what noise alone allows (sigma_clean/sigma_noisy)")
+    print("band  measured min-max  perfect registration min-max  same, noise-free  noise alone")
+    for cohort, measured, bound in bounds:
+        span = lambda v: f"{min(v):.3f}-{max(v):.3f}"  # noqa: E731
+        print(f"{cohort:>4}  {span(measured):>16}  {span(bound['perfect']):>28}  {span(bound['perfect_noise_free']):>16}"
+              f"  {span(bound['noise']):>11}")
     print(f"\nGP minus surrounding white matter (median GP - median WM within {RING_MM:g} mm of GP and one voxel or more"
           "\nfrom GP/PU/TH/CN/CSF), ppm. Template and 'same masks' truth: the band template's chi and the mean of the"
           "\nsubjects' true chi (no noise, no point-spread) carried by the same transforms, both on the majority of the"
@@ -335,14 +346,15 @@ def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: 
     report["held_out"] = {}
     voxel = float(abs(atlas_affine[0, 0]))
     shape = reference.shape
-    from qsmflow.atlas import band_template_for_age
+    from qsmflow.atlas import band_segmentation_atlas, band_template_for_age
 
     for label, age in HELD_OUT:
         subject = simulate_atlas_subject(label, age, shape=shape, voxel_size=(voxel,) * 3)
         truth = split_hemispheres(subject.labels, subject.affine)
         files = band_template_for_age(tpl, age)
-        band_atlas = segmentation.load_user_atlas(files["template"], files["labels"], files["table"], name=files["name"])
-        band_atlas.brain_mask = _load(files["brain_mask"]) > 0.5
+        # the cohort's Chimap as the channel's template and the labelled template's labels carried
+        # once (scan -> cohort -> labelled template), when the atlas has them
+        band_atlas = band_segmentation_atlas(files)
         report["held_out"][label] = {"age": age, "cohort": files["cohort"]}
         for setting, preset, weight in settings:
             results = {}
@@ -361,6 +373,71 @@ def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: 
                   + " ".join(f"{r} {results['band'][r]:.2f}|{results['default'][r]:.2f}" for r in ("CN", "PU", "GP", "TH"))
                   + f"   ({results['band']['seconds']:.0f} s | {results['default']['seconds']:.0f} s)", flush=True)
     return report
+
+
+def sharpness_bound(voxel: float, members: list, *, chi_weight: float = 2.0, blending_weight: float = 0.75) -> dict:
+    """What the band-template sharpness can reach when registration is perfect, from the simulation's truth.
+
+    Each subject of ``members`` (label, age) is rebuilt as :func:`qsmflow.simulate.simulate_atlas_subject`
+    builds it, but in the nominal frame (``anatomical_variation=False``, no warp): the subjects are
+    then aligned exactly, apart from what no registration can align -- each subject's own random
+    sulci, its ventricles, its chi deviations. As in the pipeline: point-spread (0.6 voxel), one
+    linear resampling (a random sub-voxel shift, standing for the deformation), noise (chi 0.01 ppm,
+    magnitude SNR 50, Rician), the hybrid (magnitude / brain median - ``chi_weight`` chi), one
+    linear resampling back (the registration), masked average, sharpening; then each subject's
+    correlation with that template inside its mask (what ``TemplateSharpness`` reports).
+
+    Returns ``noise`` (each subject's sigma_clean / sigma_noisy in its brain: the most a noisy
+    subject can correlate with any noise-free image), ``perfect`` (noisy subjects vs the template
+    of perfectly registered subjects) and ``perfect_noise_free`` (the same without noise).
+    """
+    import zlib
+
+    from scipy import ndimage
+
+    from qsmflow.atlas import average_images, masked_correlation, sharpen
+    from qsmflow.registration import to_ants
+    from qsmflow.simulate import DEFAULT_ECHO_TIMES, affine_for_b0_direction, brain_phantom
+
+    shape = tuple(int(round(n * 2.0 / voxel)) for n in (90, 108, 90))
+    affine = affine_for_b0_direction((0.0, 0.0, 1.0), (voxel,) * 3, shape)
+    shifts = np.random.default_rng(0)
+    images = {"clean": [], "noisy": []}
+    masks, noise = [], []
+    for label, age in members:
+        seed = zlib.crc32(str(label).encode()) % (2**31)
+        phantom = brain_phantom(shape, (voxel,) * 3, age_years=age, seed=seed, anatomical_variation=False)
+        rng = np.random.default_rng(seed + 1)
+        shift = shifts.uniform(-0.5, 0.5, 3)
+        def moved(image, by):
+            return ndimage.shift(np.asarray(image, np.float32), by, order=1, mode="constant")
+
+        def acquired(image):
+            return moved(ndimage.gaussian_filter(np.asarray(image, np.float32), 0.6), shift)
+
+        chi = acquired(np.where(phantom.brain_mask, phantom.chi, 0.0))
+        magnitude = acquired(phantom.m0 * np.exp(-phantom.r2star * np.float32(DEFAULT_ECHO_TIMES[0])))
+        mask = moved(phantom.brain_mask, shift) >= 0.5
+        sigma = float(magnitude[mask].mean()) / 50.0
+        noisy_magnitude = np.abs(magnitude + rng.normal(0, sigma, magnitude.shape)
+                                 + 1j * rng.normal(0, sigma, magnitude.shape)).astype(np.float32)
+        noisy_chi = chi + rng.normal(0, 0.01, chi.shape).astype(np.float32)
+
+        def hybrid(m, c):
+            return np.where(mask, m / float(np.median(m[mask])) - chi_weight * c, 0.0).astype(np.float32)
+
+        clean, noisy = hybrid(magnitude, chi), hybrid(noisy_magnitude, noisy_chi)
+        noise.append(float(np.std(clean[mask]) / np.std(noisy[mask])))
+        images["clean"].append(to_ants(moved(clean, -shift), affine))
+        images["noisy"].append(to_ants(moved(noisy, -shift), affine))
+        masks.append(to_ants(moved(mask.astype(np.float32), -shift), affine))
+    result = {"noise": noise}
+    for kind, key in (("noisy", "perfect"), ("clean", "perfect_noise_free")):
+        average, coverage = average_images(images[kind], masks=masks)
+        inside = coverage.numpy() >= 0.5
+        template = sharpen(average, blending_weight=blending_weight, mask=to_ants(inside.astype(np.float32), affine))
+        result[key] = [masked_correlation(i.numpy(), template.numpy(), inside) for i in images[kind]]
+    return result
 
 
 def _majority(stack: np.ndarray) -> np.ndarray:
