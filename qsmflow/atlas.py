@@ -790,10 +790,5 @@ def band_segmentation_atlas(files: dict):
 
     atlas = segmentation.load_user_atlas(files["template"], files["labels"], files["table"], name=files["name"])
     atlas.brain_mask = np.asarray(nib.load(files["brain_mask"]).dataobj) > 0.5
-    if "chi" in files:
-        atlas.chi = np.asarray(nib.load(files["chi"]).dataobj, dtype=np.float32)
-    if "source_labels" in files and "label_transform" in files:
-        source = nib.load(files["source_labels"])
-        atlas.label_source = (np.rint(np.asarray(source.dataobj)).astype(np.int16), source.affine,
-                              [files["label_transform"]])
-    return atlas
+    return segmentation.with_cohort_inputs(atlas, chi=files.get("chi"), source_labels=files.get("source_labels"),
+                                           label_transforms=[files["label_transform"]] if "label_transform" in files else [])

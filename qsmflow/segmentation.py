@@ -401,6 +401,24 @@ def default_atlas(cache_dir=None) -> Atlas:
     return atlas
 
 
+def with_cohort_inputs(atlas: Atlas, *, chi=None, source_labels=None, label_transforms=()) -> Atlas:
+    """``atlas`` with a built atlas cohort's optional inputs read from their files.
+
+    ``chi`` (the cohort's Chimap) becomes :attr:`Atlas.chi`; ``source_labels`` (the labelled
+    template's labels) with ``label_transforms`` (cohort -> labelled template) become
+    :attr:`Atlas.label_source`. ``None`` (or no transforms) leaves the field as it is.
+    """
+    import nibabel as nib
+
+    if chi is not None:
+        atlas.chi = np.asarray(nib.load(str(chi)).dataobj, dtype=np.float32)
+    if source_labels is not None and label_transforms:
+        image = nib.load(str(source_labels))
+        atlas.label_source = (np.rint(np.asarray(image.dataobj)).astype(np.int16), image.affine,
+                              [str(t) for t in label_transforms])
+    return atlas
+
+
 def load_user_atlas(template, labels, table, *, name: str = "custom") -> Atlas:
     """An atlas from user files: template image, label image on the template grid, TSV table.
 

@@ -302,9 +302,8 @@ def _connect_step_two_outputs(workflow, step_two, bands, band_outputs, labelled,
     def node(interface, node_name, **kwargs):
         if isinstance(interface, (niu.Merge, niu.Select)):
             created = _utility(interface, node_name)
-            nodes.append(created)
-            return created
-        created = pe.Node(interface, name=node_name, mem_gb=kwargs.pop("mem_gb", mem_gb), **kwargs)
+        else:
+            created = pe.Node(interface, name=node_name, mem_gb=kwargs.pop("mem_gb", mem_gb), **kwargs)
         nodes.append(created)
         return created
 

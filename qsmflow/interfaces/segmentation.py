@@ -181,11 +181,10 @@ class RegisterTemplate(SimpleInterface):
         mask = load_volume(self.inputs.brain_mask, dtype=np.uint8)[0] > 0
         atlas = _load_atlas(self.inputs.template, self.inputs.template_brain_mask, self.inputs.labels,
                             self.inputs.table, self.inputs.template_name)
-        if isdefined(self.inputs.template_chi):
-            atlas.chi = load_volume(self.inputs.template_chi)[0]
-        if isdefined(self.inputs.source_labels) and isdefined(self.inputs.label_transforms):
-            source, source_image = load_volume(self.inputs.source_labels, dtype=np.int16)
-            atlas.label_source = (source, source_image.affine, list(self.inputs.label_transforms))
+        optional = {name: getattr(self.inputs, name) if isdefined(getattr(self.inputs, name)) else None
+                    for name in ("template_chi", "source_labels", "label_transforms")}
+        segmentation.with_cohort_inputs(atlas, chi=optional["template_chi"], source_labels=optional["source_labels"],
+                                        label_transforms=optional["label_transforms"] or [])
         chi = qsm_mask = None
         if self.inputs.susceptibility_weight:
             if not (isdefined(self.inputs.chi) and isdefined(self.inputs.qsm_mask)):
