@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import QUICK_REGISTRATION
 from qsmflow import segmentation
 from qsmflow.segmentation import AtlasLabel
 
@@ -94,7 +95,6 @@ def test_refinement_finds_the_paramagnetic_core_inside_the_search_region():
     assert np.array_equal(segmentation.refine_by_contrast(labels, chi, table, rois=("SN",)), labels)
 
 
-
 def test_refinement_shares_the_gap_between_two_nuclei_by_distance():
     """RN and SN side by side, both atlas labels too small: the unlabelled core voxels between
     them go to the nearer atlas label, whichever nucleus the table lists first (the nucleus
@@ -115,6 +115,7 @@ def test_refinement_shares_the_gap_between_two_nuclei_by_distance():
     np.testing.assert_array_equal(refined == 106, true_sn)
     np.testing.assert_array_equal(segmentation.refine_by_contrast(labels, chi, table[::-1], voxel_size=(1, 1, 1),
                                                                  search_mm=3), refined)
+
 
 def test_reference_regions():
     shape = (40, 40, 40)
@@ -340,8 +341,6 @@ def test_segmentation_workflow_outputs_cache_and_reruns(tmp_path, request):
     from qsmflow import simulate
 
     bids = simulate.write_bids_dataset(tmp_path / "bids", [("01", 50.0)], shape=(44, 52, 44), voxel_size=(4.0, 4.0, 4.0))
-    from conftest import QUICK_REGISTRATION
-
     # Outputs, caching and reruns, not accuracy (the registered_subject tests): a short schedule.
     settings = ["--set", "segmentation.enabled=true", "--set", "reference.method=csf", "--nprocs", "2",
                 "--set", "segmentation.registration.preset=fast", *QUICK_REGISTRATION]
