@@ -144,7 +144,7 @@ def main(argv=None) -> None:
                                                       for sides in [side_dice(atlas, subject, labels)])
                           + "; |dmean| L/R " + " ".join(f"{r}={e[0]:.4f}/{e[1]:.4f}" for r in ("CN", "PU", "GP", "TH")
                                                          for e in [side_errors(atlas, subject, labels)[r]]), flush=True)
-                    if chi is not None:  # the workflow's final labels: RN, SN, DN refined by contrast
+                    if chi is not None:  # final labels: RN, SN, DN refined by contrast, then GP's boundary
                         refined = segmentation.refine_by_contrast(labels, chi, atlas.table, voxel_size=(resolution,) * 3,
                                                                   mask=subject.brain_mask)
                         before, after = side_errors(atlas, subject, labels), side_errors(atlas, subject, refined)
@@ -153,7 +153,14 @@ def main(argv=None) -> None:
                             f"{r}={before[r][0]:.4f}/{before[r][1]:.4f}->{after[r][0]:.4f}/{after[r][1]:.4f} "
                             f"({dice_before[r][0]:.2f}/{dice_before[r][1]:.2f}->{dice_after[r][0]:.2f}/{dice_after[r][1]:.2f})"
                             for r in ("RN", "SN", "DN")), flush=True)
-                        labels = refined
+                        bounded = segmentation.refine_boundaries(refined, chi, atlas.table, voxel_size=(resolution,) * 3,
+                                                                 mask=subject.brain_mask)
+                        after, dice_after = side_errors(atlas, subject, bounded), side_dice(atlas, subject, bounded)
+                        print("     GP boundary refined, |dmean| L/R and Dice L/R, before -> after: " + " ".join(
+                            f"{r}={before[r][0]:.4f}/{before[r][1]:.4f}->{after[r][0]:.4f}/{after[r][1]:.4f} "
+                            f"({dice_before[r][0]:.2f}/{dice_before[r][1]:.2f}->{dice_after[r][0]:.2f}/{dice_after[r][1]:.2f})"
+                            for r in ("CN", "PU", "GP", "TH", "IC")), flush=True)
+                        labels = bounded
                     if arguments.end_to_end:
                         reconstructed = end_to_end_errors(atlas, subject, labels, chi)
                         print("     end to end (Chimap ROI mean - true ROI mean, ppm): "
