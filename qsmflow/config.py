@@ -169,7 +169,7 @@ RULES: dict[str, dict] = {
     "segmentation.registration.n_procs": whole(1, 64),
     "segmentation.registration.susceptibility_weight": number(0, 0.9),
     "segmentation.registration.susceptibility_stages": list_of(choice("rigid", "affine", "syn")),
-    "segmentation.refine": list_of(choice("RN", "SN", "DN"), min_items=0),
+    "segmentation.refine": list_of(choice("RN", "SN", "DN", "GP"), min_items=0),
     "roistats.erosion_mm": number(0, 10),
     # COSMOS (multi-orientation)
     "cosmos.group_by": choice("run", "acq", "files"),

@@ -44,8 +44,8 @@ def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_fil
 
     Workflow graph: atlas (built-in or the user's) → [T1w rigidly to the magnitude] → template
     registration (rigid, affine, SyN; with ``susceptibility_weight`` > 0 also the scan's chi
-    against the atlas' susceptibility prior) → subject labels (RN/SN/DN refined by contrast) →
-    reference (needs the labels for ``reference.method: csf``) → ROI statistics, Chimap in
+    against the atlas' susceptibility prior) → subject labels (RN/SN/DN refined by contrast, then
+    GP's boundary) → reference (needs the labels for ``reference.method: csf``) → ROI statistics, Chimap in
     template space → write derivatives (ROI table last).
 
     Parameters

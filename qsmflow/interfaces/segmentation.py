@@ -217,8 +217,9 @@ class _LabelsInputSpec(BaseInterfaceInputSpec):
     table = File(exists=True, mandatory=True)
     chi = File(exists=True, mandatory=True, desc="susceptibility (any reference: the refinement is offset-invariant)")
     qsm_mask = File(exists=True, mandatory=True)
-    refine = traits.List(traits.Str, value=["RN", "SN", "DN"], usedefault=True,
-                         desc="ROIs refined by their paramagnetic contrast")
+    refine = traits.List(traits.Str, value=["RN", "SN", "DN", "GP"], usedefault=True,
+                         desc="ROIs refined in the Chimap: RN, SN, DN narrowed to their paramagnetic core, "
+                              "GP's boundary against its labelled neighbours moved to its contrast")
 
 
 class _LabelsOutputSpec(TraitedSpec):
@@ -228,8 +229,12 @@ class _LabelsOutputSpec(TraitedSpec):
 
 
 class SubjectLabels(SimpleInterface):
-    """Final subject-space labels: the warped atlas, with the small iron-rich nuclei refined by
-    contrast (:func:`qsmflow.segmentation.refine_by_contrast`)."""
+    """Final subject-space labels: the warped atlas, with the small iron-rich nuclei narrowed to
+    their paramagnetic core (:func:`qsmflow.segmentation.refine_by_contrast`) and then GP's
+    boundary moved to its contrast (:func:`qsmflow.segmentation.refine_boundaries`)."""
+
+    #: ROIs whose boundary against labelled neighbours moves (the others are narrowed to their core).
+    BOUNDARY_ROIS = ("GP",)
 
     input_spec = _LabelsInputSpec
     output_spec = _LabelsOutputSpec
@@ -241,14 +246,22 @@ class SubjectLabels(SimpleInterface):
         chi, _ = load_volume(self.inputs.chi)
         mask = load_volume(self.inputs.qsm_mask, dtype=np.uint8)[0] > 0
         table = segmentation.read_table(self.inputs.table)
-        parameters = {"rois": list(self.inputs.refine)}
-        if self.inputs.refine:
-            labels = segmentation.refine_by_contrast(labels, chi, table, rois=tuple(self.inputs.refine),
+        cores = tuple(roi for roi in self.inputs.refine if roi not in self.BOUNDARY_ROIS)
+        boundaries = tuple(roi for roi in self.inputs.refine if roi in self.BOUNDARY_ROIS)
+        provenance = {}
+        if cores:
+            labels = segmentation.refine_by_contrast(labels, chi, table, rois=cores,
                                                      voxel_size=_voxel_size(image), mask=mask)
+            provenance["Refinement"] = function_provenance(segmentation.refine_by_contrast, {"rois": list(cores)})
+        if boundaries:
+            labels = segmentation.refine_boundaries(labels, chi, table, rois=boundaries,
+                                                    voxel_size=_voxel_size(image), mask=mask)
+            provenance["BoundaryRefinement"] = function_provenance(segmentation.refine_boundaries,
+                                                                   {"rois": list(boundaries)})
         self._results["dseg"] = save_like(labels, image, "dseg.nii.gz", dtype=np.int16)
         shutil.copyfile(self.inputs.table, "dseg.tsv")
         self._results["dseg_tsv"] = str(Path("dseg.tsv").resolve())
-        self._results["provenance"] = {"Refinement": function_provenance(segmentation.refine_by_contrast, parameters)}
+        self._results["provenance"] = provenance or {"Refinement": "none (segmentation.refine is empty)"}
         return runtime
 
 
