@@ -1584,6 +1584,14 @@ class TemplateSubject:
     age: float
 
 
+def atlas_coordinates(deformation: Deformation, affine, atlas_affine) -> np.ndarray:
+    """Atlas voxel coordinates (3, x, y, z) of every subject voxel: the subject voxel through
+    ``deformation`` to the reference grid, to world by the subject ``affine``, to the atlas' voxels."""
+    to_atlas = np.linalg.inv(np.asarray(atlas_affine, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64)
+    return (np.einsum("ij,j...->i...", to_atlas[:3, :3].astype(np.float32), deformation.coordinates)
+            + to_atlas[:3, 3].astype(np.float32)[:, None, None, None])
+
+
 def template_subject(atlas, *, voxel_size=(2.0, 2.0, 2.0), age: float = 40.0, seed: int = 0,
                      nonlinear_rms_mm: float = 3.5, bias_amplitude: float = 0.2, snr: float = 40.0,
                      echo_times=DEFAULT_ECHO_TIMES, margin_mm: float = 8.0) -> TemplateSubject:
@@ -1658,10 +1666,7 @@ def template_subject(atlas, *, voxel_size=(2.0, 2.0, 2.0), age: float = 40.0, se
     chi_t = ndimage.gaussian_filter(chi_t, psf)
 
     warp = random_deformation(shape, voxel_size, seed=seed, nonlinear_rms_mm=nonlinear_rms_mm)
-    # Subject voxel -> reference-grid voxel (warp) -> world (subject affine) -> atlas voxel.
-    to_atlas = np.linalg.inv(atlas_affine) @ affine
-    coordinates = (np.einsum("ij,j...->i...", to_atlas[:3, :3].astype(np.float32), warp.coordinates)
-                   + to_atlas[:3, 3].astype(np.float32)[:, None, None, None])
+    coordinates = atlas_coordinates(warp, affine, atlas_affine)
 
     def sample(array, order):
         return ndimage.map_coordinates(array, coordinates, order=order, mode="constant", cval=0)

@@ -95,6 +95,27 @@ def test_refinement_finds_the_paramagnetic_core_inside_the_search_region():
     assert np.array_equal(segmentation.refine_by_contrast(labels, chi, table, rois=("SN",)), labels)
 
 
+def test_core_fraction_is_the_half_maximum_at_1_mm_and_lower_for_coarser_voxels():
+    assert segmentation.core_fraction((1.0, 1.0, 1.0)) == pytest.approx(0.5)
+    assert segmentation.core_fraction((0.7, 0.7, 0.7)) == pytest.approx(0.5)
+    assert segmentation.core_fraction((1.5, 1.5, 1.5)) == pytest.approx(0.4 + 0.1 / 3)
+    assert segmentation.core_fraction((2.0, 2.0, 2.0)) == pytest.approx(0.4)
+    assert segmentation.core_fraction((3.0, 3.0, 3.0)) == pytest.approx(0.4)
+    assert segmentation.core_fraction((1.0, 1.0, 8.0)) == pytest.approx(0.4)  # geometric mean 2 mm
+    # A nucleus whose edge voxels sit at 45 % of its contrast: kept at 2 mm, dropped at 1 mm.
+    labels = np.zeros((16, 16, 16), np.int16)
+    labels[5:11, 5:11, 5:11] = 105
+    chi = np.full(labels.shape, -0.01, np.float32)
+    chi[5:11, 5:11, 5:11] = -0.01 + 0.45 * 0.16
+    chi[6:10, 6:10, 6:10] = 0.15
+    table = _table((105, "RN", "left", "deep_grey"))
+    coarse = segmentation.refine_by_contrast(labels, chi, table, voxel_size=(2, 2, 2), search_mm=2)
+    fine = segmentation.refine_by_contrast(labels, chi, table, voxel_size=(1, 1, 1), search_mm=2)
+    assert (coarse == 105).sum() == 6**3 and (fine == 105).sum() == 4**3
+    np.testing.assert_array_equal(segmentation.refine_by_contrast(labels, chi, table, voxel_size=(1, 1, 1),
+                                                                 search_mm=2, fraction=0.4), coarse)
+
+
 def test_refinement_shares_the_gap_between_two_nuclei_by_distance():
     """RN and SN side by side, both atlas labels too small: the unlabelled core voxels between
     them go to the nearer atlas label, whichever nucleus the table lists first (the nucleus

@@ -250,9 +250,11 @@ class SubjectLabels(SimpleInterface):
         boundaries = tuple(roi for roi in self.inputs.refine if roi in self.BOUNDARY_ROIS)
         provenance = {}
         if cores:
-            labels = segmentation.refine_by_contrast(labels, chi, table, rois=cores,
+            fraction = segmentation.core_fraction(_voxel_size(image))
+            labels = segmentation.refine_by_contrast(labels, chi, table, rois=cores, fraction=fraction,
                                                      voxel_size=_voxel_size(image), mask=mask)
-            provenance["Refinement"] = function_provenance(segmentation.refine_by_contrast, {"rois": list(cores)})
+            provenance["Refinement"] = function_provenance(segmentation.refine_by_contrast,
+                                                           {"rois": list(cores), "fraction": fraction})
         if boundaries:
             labels = segmentation.refine_boundaries(labels, chi, table, rois=boundaries,
                                                     voxel_size=_voxel_size(image), mask=mask)

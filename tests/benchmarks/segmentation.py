@@ -5,7 +5,9 @@ random affine + smooth nonlinear warp of 3.5 mm RMS, receive bias, Rician noise,
 contrast), so the labels carried by the known warp are the truth. For each resolution, preset
 and subject seed it registers the template (``qsmflow.segmentation.template_to_subject``) and
 prints the wall time, the Dice of every ROI (left and right averaged) and the largest error of an
-ROI mean of the *true* susceptibility map with the estimated instead of the true labels.
+ROI mean of the *true* susceptibility map with the estimated instead of the true labels, and
+per subject the floor of that error (:func:`truth_sampling_floor`: the true labels carried by the
+true warp in two equally valid ways).
 
 Usage::
 
@@ -44,6 +46,25 @@ def evaluate(atlas, subject, labels) -> tuple[dict, dict]:
         if estimated.any() and true.any():
             errors.setdefault(row.abbreviation, []).append(abs(float(subject.chi[estimated].mean() - subject.chi[true].mean())))
     return ({k: float(np.mean(v)) for k, v in dices.items()}, {k: float(np.max(v)) for k, v in errors.items()})
+
+
+def truth_sampling_floor(atlas, subject) -> dict:
+    """|ROI mean of the true map|, labels carried by the *true* warp with a linear interpolation of
+    each label's indicator (> 0.5) minus with the truth's nearest neighbour, per ROI (larger side),
+    ppm: how far two equally valid samplings of the true labels disagree, the resolution's floor
+    for the segmentation error."""
+    from scipy import ndimage
+
+    coordinates = simulate.atlas_coordinates(subject.deformation, subject.affine, atlas.affine)
+    floor = {}
+    for row in atlas.table:
+        true = subject.labels == row.index
+        if not true.any():
+            continue
+        linear = ndimage.map_coordinates((atlas.labels == row.index).astype(np.float32), coordinates, order=1) > 0.5
+        value = abs(float(subject.chi[linear].mean() - subject.chi[true].mean())) if linear.any() else np.nan
+        floor[row.abbreviation] = max(floor.get(row.abbreviation, 0.0), value)
+    return floor
 
 
 def reconstructed_chi(subject, *, field_noise_ppm: float = 0.002, seed: int = 0) -> np.ndarray:
@@ -120,12 +141,16 @@ def main(argv=None) -> None:
     atlas = segmentation.default_atlas()
     header = f"{'mm':>4} {'preset':8} {'chi w':>5} {'seed':>4} {'time s':>7} " + " ".join(f"{r:>5}" for r in ROIS) + "  max|dmean| ppm (ROI)"
     print(header)
-    summary = {}
+    summary, floors = {}, {}
     for resolution in arguments.resolutions:
         seeds = arguments.seeds if resolution >= 1.5 else arguments.seeds_1mm
         for seed in seeds:
             subject = simulate.template_subject(atlas, voxel_size=(resolution,) * 3, seed=seed)
             chi = reconstructed_chi(subject, seed=seed) if (arguments.end_to_end or any(weights)) else None
+            floor = truth_sampling_floor(atlas, subject)
+            floors.setdefault(resolution, []).append(floor)
+            print(f"{resolution:4g} truth sampling floor (linear vs nearest-neighbour labels, true warp), seed {seed}: "
+                  + " ".join(f"{roi}={floor[roi]:.4f}" for roi in ROIS if roi in floor), flush=True)
             for preset in arguments.presets:
                 for weight in weights:
                     with tempfile.TemporaryDirectory() as scratch:
@@ -174,6 +199,9 @@ def main(argv=None) -> None:
         deep = {roi: worst[roi] for roi in ("CN", "PU", "GP", "TH")}
         print(f"{resolution:4g} {preset:8} {weight:5.2f} {'all':>4} {np.median(times):7.1f} " + " ".join(f"{medians[r]:5.2f}" for r in ROIS)
               + f"  CN/PU/GP/TH worst {max(deep.values()):.4f}")
+    for resolution, runs in floors.items():
+        print(f"{resolution:4g} truth sampling floor, worst over seeds: "
+              + " ".join(f"{roi}={max(r.get(roi, np.nan) for r in runs):.4f}" for roi in ROIS))
     print(f"load average after: {os.getloadavg()}")
 
 
