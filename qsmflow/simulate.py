@@ -317,6 +317,22 @@ def head_size_for_age(age_years: float) -> float:
     return float((1.0 - 0.6 * np.exp(-float(age_years) / 2.5)) ** (1.0 / 3.0))
 
 
+def _anatomical_folding(seed: int, x, y, z, *, smoothness_mm: float = 4.0, spacing_mm: float = 1.0) -> np.ndarray:
+    """A smooth random field of unit variance defined in the anatomical frame (mm from the anterior
+    commissure, on a ``spacing_mm`` grid over the head's extent, Gaussian of ``smoothness_mm``
+    sigma), sampled linearly at the sparse coordinates ``x, y, z``: the same folding for every
+    head size and position."""
+    lower = np.array([_HEAD_EXTENT["x"][0], _HEAD_EXTENT["y"][0], _HEAD_EXTENT["z_bottom"]]) - _MARGIN_MM
+    upper = np.array([_HEAD_EXTENT["x"][1], _HEAD_EXTENT["y"][1], _HEAD_EXTENT["z_top"]]) + _MARGIN_MM
+    size = tuple(int(n) for n in np.ceil((upper - lower) / spacing_mm) + 1)
+    field = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(size).astype(np.float32),
+                                    smoothness_mm / spacing_mm)
+    field /= field.std() + np.float32(1e-12)
+    full = np.broadcast_shapes(x.shape, y.shape, z.shape)
+    coordinates = [np.broadcast_to((axis - low) / spacing_mm, full) for axis, low in zip((x, y, z), lower)]
+    return ndimage.map_coordinates(field, coordinates, order=1, mode="nearest").astype(np.float32)
+
+
 def brain_phantom(
     shape=DEFAULT_SHAPE,
     voxel_size=DEFAULT_VOXEL_SIZE,
@@ -329,6 +345,7 @@ def brain_phantom(
     white_matter_sd: float = 0.003,
     anatomical_variation: bool = True,
     growth_with_age: bool = False,
+    sulcal_seed: int | None = None,
 ) -> Phantom:
     """Brain-shaped susceptibility phantom with age-dependent deep grey and white matter.
 
@@ -362,6 +379,11 @@ def brain_phantom(
         follow ``seed``; set the SDs to 0 for the exact trajectory values).
     growth_with_age : bool
         Scale the head by :func:`head_size_for_age` (children's heads smaller; off by default).
+    sulcal_seed : int, optional
+        Seed of a sulcal pattern drawn in the anatomical frame (:func:`_anatomical_folding`), so
+        that phantoms sharing it have corresponding sulci whatever their head size and position:
+        they then differ only by what a deformation can align. By default the pattern is the
+        subject's own (drawn from ``seed`` on the grid).
 
     Returns
     -------
@@ -428,11 +450,14 @@ def brain_phantom(
     sinus_wall = _ellipsoid(x, y, z, sinus_center, tuple(a + 2.5 for a in sinus_axes)) & head
 
     # --- folding: CSF sheets along zero crossings of a smooth random field ---------------
-    noise = rng.standard_normal(full).astype(np.float32)
-    sigma_vox = [4.0 * scale / d for d in voxel_size]
-    folding = ndimage.gaussian_filter(noise, sigma_vox)
+    noise = rng.standard_normal(full).astype(np.float32)  # drawn either way: the later draws stay the subject's
+    if sulcal_seed is None:
+        sigma_vox = [4.0 * scale / d for d in voxel_size]
+        folding = ndimage.gaussian_filter(noise, sigma_vox)
+        folding /= folding.std() + np.float32(1e-12)
+    else:
+        folding = _anatomical_folding(int(sulcal_seed), x, y, z)
     del noise
-    folding /= folding.std() + np.float32(1e-12)
     depth = distance_inside(cerebrum)
     sulci = cerebrum & (depth <= 9.0) & (depth > 1.0) & (np.abs(folding) < 0.12)
     corpus_callosum_and_below = _ellipsoid(x, y, z, (0.0, -4.0, 0.0), (10.0, 40.0, 26.0)) | (z < 0.0)
@@ -1510,7 +1535,8 @@ class AtlasSubject:
 def simulate_atlas_subject(label: str, age: float, *, shape=DEFAULT_SHAPE, voxel_size=DEFAULT_VOXEL_SIZE,
                            seed: int | None = None, chi_noise: float = 0.01, snr: float = 50.0,
                            echo_time: float = DEFAULT_ECHO_TIMES[0], nonlinear_rms_mm: float = 3.0,
-                           psf_voxels: float = 0.6, deformation: bool = True) -> AtlasSubject:
+                           psf_voxels: float = 0.6, deformation: bool = True,
+                           sulcal_seed: int | None = None) -> AtlasSubject:
     """A subject's participant-level outputs as the atlas level reads them, with their truth.
 
     The phantom grows with age (:func:`head_size_for_age`; ventricles widen after 30, see
@@ -1519,10 +1545,11 @@ def simulate_atlas_subject(label: str, age: float, *, shape=DEFAULT_SHAPE, voxel
     noise), and the first-echo magnitude ``m0 exp(-R2* TE)`` with noise of mean brain signal /
     ``snr``. The images are blurred by a Gaussian point-spread function of ``psf_voxels`` sigma
     before the deformation, as an acquisition band-limits them: the phantom's one-voxel sulci
-    and cortex would otherwise be aliased, and no resampling could match them.
+    and cortex would otherwise be aliased, and no resampling could match them. ``sulcal_seed``
+    (:func:`brain_phantom`) gives the cohort one sulcal pattern in the anatomical frame.
     """
     seed = zlib.crc32(str(label).encode()) % (2**31) if seed is None else int(seed)
-    phantom = brain_phantom(shape, voxel_size, age_years=age, seed=seed, growth_with_age=True)
+    phantom = brain_phantom(shape, voxel_size, age_years=age, seed=seed, growth_with_age=True, sulcal_seed=sulcal_seed)
     rng = np.random.default_rng(seed + 1)
     if deformation:
         warp = random_deformation(shape, voxel_size, seed=seed + 2, nonlinear_rms_mm=nonlinear_rms_mm)

@@ -96,6 +96,31 @@ def test_seed_makes_subjects_differ_and_is_reproducible():
     assert a.roi_chi != c.roi_chi
 
 
+def test_a_shared_sulcal_seed_gives_every_subject_the_same_sulci_in_the_anatomical_frame():
+    csf = simulate._TISSUE["csf"].index
+
+    def pair(**kwargs):
+        return [simulate.brain_phantom(TEST_SHAPE, TEST_VOXEL, seed=seed, anatomical_variation=False, **kwargs)
+                for seed in (1, 2)]
+
+    def csf_dice(a, b):
+        x, y = a.tissues == csf, b.tissues == csf
+        return 2 * (x & y).sum() / (x.sum() + y.sum())
+
+    own, shared = pair(), pair(sulcal_seed=7)
+    assert csf_dice(*own) < 0.95
+    np.testing.assert_array_equal(shared[0].tissues, shared[1].tissues)
+    assert shared[0].roi_chi != shared[1].roi_chi  # the subjects' other draws are still their own
+    fractions = [(p.tissues == csf)[p.brain_mask].mean() for p in (own[0], shared[0])]
+    assert fractions[1] == pytest.approx(fractions[0], rel=0.25)
+    # a head of another size and position samples the same field at the same anatomical points
+    axis = np.arange(-60.0, 60.0, 1.0, dtype=np.float32)
+    fine = simulate._anatomical_folding(7, axis[:, None, None], axis[None, :, None], axis[None, None, :])
+    coarse = simulate._anatomical_folding(7, axis[::3, None, None], axis[None, ::3, None], axis[None, None, ::3])
+    np.testing.assert_allclose(coarse, fine[::3, ::3, ::3], atol=1e-5)
+    assert 0.7 < fine.std() < 1.3
+
+
 def test_small_grids_shrink_the_head_and_tiny_ones_are_refused():
     small = simulate.brain_phantom((48, 56, 48), (2.0, 2.0, 2.0))
     assert small.anatomy_scale < 0.6

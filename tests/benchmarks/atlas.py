@@ -6,6 +6,8 @@ segmentation, trajectories, runtime, and what a rerun after one more subject rec
 Cohort: 12 subjects in 3 bands (0-12, 12-60, 60-100 years), each a phantom whose head grows
 with age (smaller children), whose ventricles widen after 30, deformed by a known random
 affine + smooth warp (3 mm RMS), with noise on chi (0.01 ppm) and on the magnitude (SNR 50).
+Each subject has its own random sulci unless ``--shared-sulci`` gives the cohort one pattern in
+the anatomical frame (the subjects then differ only by what a registration can align).
 The labelled template (the stand-in for the MNI atlas, which does not match the phantom's
 anatomy) is the nominal adult phantom at 40 years. Four held-out subjects (3, 5, 74, 82 years)
 are segmented with the band template nearest their age and with the labelled template, with the
@@ -43,6 +45,7 @@ COHORT = [("c01", 2.0), ("c02", 4.0), ("c03", 6.5), ("c04", 9.0),
 ADDED = ("a05", 36.0)
 HELD_OUT = [("h01", 3.0), ("h02", 5.0), ("h03", 74.0), ("h04", 82.0)]
 EDGES = [0.0, 12.0, 60.0, 100.0]
+SHARED_SULCAL_SEED = 7  # --shared-sulci: the cohort's one sulcal pattern
 
 
 def dice(a, b) -> float:
@@ -75,6 +78,12 @@ def main(argv=None) -> int:
                         help="skip the rerun after adding one subject (runtime of the first build only)")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="evaluate the outputs already built in --work (no registration is rerun)")
+    parser.add_argument("--shared-sulci", action="store_true",
+                        help="one sulcal pattern for the whole cohort, in the anatomical frame (subjects then differ "
+                             "only by age, head size, position and the known warps, as the issue's cohort)")
+    parser.add_argument("--bound-decomposition", action="store_true",
+                        help="only print what bounds the sharpness (sharpness_bound with and without shared sulci, "
+                             "sub-voxel shifts, cubic resampling); no registration")
     parser.add_argument("--no-held-out", action="store_true",
                         help="skip the age-matched segmentation of the held-out subjects (16 registrations)")
     args = parser.parse_args(argv)
@@ -87,10 +96,14 @@ def main(argv=None) -> int:
     from qsmflow.workflows.atlas import atlas_level
 
     voxel = float(args.voxel)
+    if args.bound_decomposition:
+        bound_decomposition(voxel)
+        return 0
+    options = {"sulcal_seed": SHARED_SULCAL_SEED} if args.shared_sulci else {}
     shape = tuple(int(round(n * 2.0 / voxel)) for n in (90, 108, 90))
     root = Path(args.work or tempfile.mkdtemp(prefix="qsmflow_atlas_bench_"))
     bids, out, work = root / "bids", root / "out", root / "work"
-    subjects = write_atlas_inputs(bids, out, COHORT, shape=shape, voxel_size=(voxel,) * 3)
+    subjects = write_atlas_inputs(bids, out, COHORT, shape=shape, voxel_size=(voxel,) * 3, **options)
     labelled = phantom_label_atlas(shape, (voxel,) * 3)
     (root / "labelled").mkdir(exist_ok=True)
     nib.save(nib.Nifti1Image(labelled.template, labelled.affine), str(root / "labelled/template.nii.gz"))
@@ -108,8 +121,9 @@ def main(argv=None) -> int:
     if args.evaluate_only:
         added = out / f"sub-{ADDED[0]}"
         if added.is_dir():
-            subjects.update(write_atlas_inputs(bids, out, COHORT + [ADDED], shape=shape, voxel_size=(voxel,) * 3))
-        report = evaluate(tpl, res, subjects, labelled, config, root, held_out=not args.no_held_out)
+            subjects.update(write_atlas_inputs(bids, out, COHORT + [ADDED], shape=shape, voxel_size=(voxel,) * 3, **options))
+        report = evaluate(tpl, res, subjects, labelled, config, root, held_out=not args.no_held_out,
+                          subject_options=options)
         (root / "benchmark_evaluation.json").write_text(json.dumps(report, indent=2))
         print(f"\nnumbers in {root / 'benchmark_evaluation.json'}")
         return 0
@@ -121,7 +135,8 @@ def main(argv=None) -> int:
     first = run(plan.workflow, work, args.nprocs)
     print(f"\nfirst run: {first:.0f} s")
 
-    report = evaluate(tpl, res, subjects, labelled, config, root, held_out=not args.no_held_out)
+    report = evaluate(tpl, res, subjects, labelled, config, root, held_out=not args.no_held_out,
+                          subject_options=options)
     report["runtime_first_s"] = round(first)
     if args.no_rerun:
         (root / "benchmark.json").write_text(json.dumps(report, indent=2))
@@ -129,7 +144,7 @@ def main(argv=None) -> int:
         return 0
 
     before = result_times(work)
-    subjects.update(write_atlas_inputs(bids, out, COHORT + [ADDED], shape=shape, voxel_size=(voxel,) * 3))
+    subjects.update(write_atlas_inputs(bids, out, COHORT + [ADDED], shape=shape, voxel_size=(voxel,) * 3, **options))
     plan = atlas_level(bids, out, config)
     second = run(plan.workflow, work, args.nprocs)
     after = result_times(work)
@@ -205,12 +220,13 @@ def gp_contrast(chi, gp, ring) -> float:
 
 
 def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: Path, *,
-             held_out: bool = True) -> dict:
+             held_out: bool = True, subject_options: dict | None = None) -> dict:
     from qsmflow import segmentation
     from qsmflow.atlas import apply_transforms
     from qsmflow.registration import to_ants, to_array
     from qsmflow.simulate import simulate_atlas_subject, split_hemispheres, true_susceptibility
 
+    subject_options = subject_options or {}
     name = tpl.name.removeprefix("tpl-")
     report = {"bands": {}}
     index = {row.abbreviation + "_" + row.hemisphere[0].upper(): row.index for row in labelled.table}
@@ -261,7 +277,8 @@ def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: 
         for roi in ("CN", "PU", "GP", "TH"):
             values = [index[f"{roi}_L"], index[f"{roi}_R"]]
             dices[roi] = round(dice(np.isin(dseg, values), np.isin(consensus, values)), 3)
-        bound = sharpness_bound(voxel_mm, [(s, subjects[s].age) for s in scans])
+        bound = sharpness_bound(voxel_mm, [(s, subjects[s].age) for s in scans],
+                                sulcal_seed=subject_options.get("sulcal_seed"))
         report["bands"][cohort] = {"correlations": correlations, "sharpness_bound": bound, "gp_contrast": contrast,
                                    "dice_band_dseg": dices}
         bounds.append((cohort, correlations, bound))
@@ -349,7 +366,7 @@ def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: 
     from qsmflow.atlas import band_segmentation_atlas, band_template_for_age
 
     for label, age in HELD_OUT:
-        subject = simulate_atlas_subject(label, age, shape=shape, voxel_size=(voxel,) * 3)
+        subject = simulate_atlas_subject(label, age, shape=shape, voxel_size=(voxel,) * 3, **subject_options)
         truth = split_hemispheres(subject.labels, subject.affine)
         files = band_template_for_age(tpl, age)
         # the cohort's Chimap as the channel's template and the labelled template's labels carried
@@ -375,17 +392,21 @@ def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: 
     return report
 
 
-def sharpness_bound(voxel: float, members: list, *, chi_weight: float = 2.0, blending_weight: float = 0.75) -> dict:
+def sharpness_bound(voxel: float, members: list, *, chi_weight: float = 2.0, blending_weight: float = 0.75,
+                    sulcal_seed: int | None = None, max_shift: float = 0.5, order: int = 1) -> dict:
     """What the band-template sharpness can reach when registration is perfect, from the simulation's truth.
 
     Each subject of ``members`` (label, age) is rebuilt as :func:`qsmflow.simulate.simulate_atlas_subject`
     builds it, but in the nominal frame (``anatomical_variation=False``, no warp): the subjects are
     then aligned exactly, apart from what no registration can align -- each subject's own random
-    sulci, its ventricles, its chi deviations. As in the pipeline: point-spread (0.6 voxel), one
+    sulci (unless ``sulcal_seed`` gives them one pattern), its ventricles, its chi deviations. As in the pipeline: point-spread (0.6 voxel), one
     linear resampling (a random sub-voxel shift, standing for the deformation), noise (chi 0.01 ppm,
     magnitude SNR 50, Rician), the hybrid (magnitude / brain median - ``chi_weight`` chi), one
     linear resampling back (the registration), masked average, sharpening; then each subject's
     correlation with that template inside its mask (what ``TemplateSharpness`` reports).
+
+    ``max_shift`` (voxels) scales the sub-voxel shifts (0: no resampling blur) and ``order`` is the
+    spline order of both resamplings (:func:`bound_decomposition` varies them).
 
     Returns ``noise`` (each subject's sigma_clean / sigma_noisy in its brain: the most a noisy
     subject can correlate with any noise-free image), ``perfect`` (noisy subjects vs the template
@@ -406,11 +427,13 @@ def sharpness_bound(voxel: float, members: list, *, chi_weight: float = 2.0, ble
     masks, noise = [], []
     for label, age in members:
         seed = zlib.crc32(str(label).encode()) % (2**31)
-        phantom = brain_phantom(shape, (voxel,) * 3, age_years=age, seed=seed, anatomical_variation=False)
+        phantom = brain_phantom(shape, (voxel,) * 3, age_years=age, seed=seed, anatomical_variation=False,
+                                sulcal_seed=sulcal_seed)
         rng = np.random.default_rng(seed + 1)
-        shift = shifts.uniform(-0.5, 0.5, 3)
+        shift = shifts.uniform(-0.5, 0.5, 3) * (max_shift / 0.5)
+
         def moved(image, by):
-            return ndimage.shift(np.asarray(image, np.float32), by, order=1, mode="constant")
+            return ndimage.shift(np.asarray(image, np.float32), by, order=order, mode="constant")
 
         def acquired(image):
             return moved(ndimage.gaussian_filter(np.asarray(image, np.float32), 0.6), shift)
@@ -438,6 +461,23 @@ def sharpness_bound(voxel: float, members: list, *, chi_weight: float = 2.0, ble
         template = sharpen(average, blending_weight=blending_weight, mask=to_ants(inside.astype(np.float32), affine))
         result[key] = [masked_correlation(i.numpy(), template.numpy(), inside) for i in images[kind]]
     return result
+
+
+def bound_decomposition(voxel: float) -> None:
+    """Print :func:`sharpness_bound` of every cohort of :data:`COHORT` (noise-free / noisy, min-max)
+    with each subject's own sulci and with one shared pattern, without sub-voxel shifts, with
+    linear and with cubic resampling: what keeps perfectly registered subjects from their template."""
+    bands = [[(label, age) for label, age in COHORT if low <= age < high] for low, high in zip(EDGES[:-1], EDGES[1:])]
+    span = lambda v: f"{min(v):.3f}-{max(v):.3f}"  # noqa: E731
+    print(f"sharpness bound at {voxel:g} mm, noise-free / noisy (min-max over the cohort's subjects)")
+    print(f"{'cohort':>6}  {'sulci':6s}  {'no shift':>23}  {'linear shift and back':>23}  {'cubic shift and back':>23}")
+    for number, members in enumerate(bands, start=1):
+        for sulci, seed in (("own", None), ("shared", SHARED_SULCAL_SEED)):
+            cells = []
+            for max_shift, order in ((0.0, 1), (0.5, 1), (0.5, 3)):
+                bound = sharpness_bound(voxel, members, sulcal_seed=seed, max_shift=max_shift, order=order)
+                cells.append(f"{span(bound['perfect_noise_free'])} / {span(bound['perfect'])}")
+            print(f"{number:>6}  {sulci:6s}  " + "  ".join(f"{c:>23}" for c in cells), flush=True)
 
 
 def _majority(stack: np.ndarray) -> np.ndarray:
