@@ -105,3 +105,16 @@ def test_tfi_is_a_registered_total_field_inversion():
     assert inversion.INVERSION_METHODS["tfi"] is inversion.total_field_inversion
     assert "tfi" in inversion.TOTAL_FIELD_INVERSIONS
     assert not set(inversion.TOTAL_FIELD_INVERSIONS) & set(background.BACKGROUND_METHODS)
+
+
+
+def test_the_total_field_preset_is_the_accurate_chain_with_tfi():
+    """What the workflow does with a total-field inversion (no background removal) is
+    tests/test_weights.py::test_total_field_inversion_workflow_skips_background_removal."""
+    from qsmflow.config import load_config
+
+    preset = load_config("total-field")
+    assert preset.pop("preset") == "total-field"
+    accurate_with_tfi = load_config("accurate", overrides=["inversion.method=tfi"])
+    accurate_with_tfi.pop("preset")
+    assert preset == accurate_with_tfi

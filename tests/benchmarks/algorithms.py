@@ -282,6 +282,7 @@ CANDIDATES = {
     "fast": ("fast", {}),
     "default": ("default", {}),
     "accurate": ("accurate", {}),
+    "total-field": ("total-field", {}),
     "default, no edge factor": ("default", {"echoes.edge_outlier_factor": None}),
     "accurate, no edge factor": ("accurate", {"echoes.edge_outlier_factor": None}),
     "default, factor 3": ("default", {"echoes.outlier_factor": 3.0}),
@@ -523,7 +524,11 @@ def fft_seconds(name: str, shape: tuple, dtype: str, cache: dict) -> float:
     return cache[key]
 
 
-def timing_block(repeats: int, chains_only: bool = False) -> None:
+#: The shipped presets that choose the reconstruction (the others only choose where it runs).
+RECONSTRUCTION_PRESETS = ("fast", "default", "accurate", "total-field")
+
+
+def timing_block(repeats: int, chains_only: bool = False, presets=RECONSTRUCTION_PRESETS) -> None:
     shape = (164, 205, 205)
     phantom = simulate.brain_phantom(shape, (1.0, 1.0, 1.0), age_years=50, seed=1)
     magnitude, phase = simulate.simulate_multi_echo(phantom, echo_times=ECHO_TIMES, field_strength=3.0, seed=1)
@@ -553,7 +558,7 @@ def timing_block(repeats: int, chains_only: bool = False) -> None:
         print(f"{stage:11s} {label:16s} {median:8.2f} {int(statistics.median(counts)):5d} {floor:8.2f} {ratio} {max(peaks):6.2f}", flush=True)
 
     if chains_only:
-        for preset in ("fast", "default", "accurate"):
+        for preset in presets:
             report("chain", preset, chain, data, load_config(preset))
         return
     report("mask", "threshold", masking.brain_mask_from_magnitude, rss, vs)
@@ -568,7 +573,7 @@ def timing_block(repeats: int, chains_only: bool = False) -> None:
         report("background", method, function, total, field_mask, vs, b0_direction=b0, **(default["background"].get(method) or {}))
     for method, function in inversion.INVERSION_METHODS.items():
         report("inversion", method, function, local, local_mask, vs, b0_direction=b0, **(default["inversion"].get(method) or {}))
-    for preset in ("fast", "default", "accurate"):
+    for preset in presets:
         report("chain", preset, chain, data, load_config(preset))
 
 
@@ -665,6 +670,8 @@ def main():
     parser.add_argument("--audit", action="store_true",
                         help="only the checks of the simulation and the metric (true local field, methods fed the local field alone)")
     parser.add_argument("--chains-only", action="store_true", help="timing block: only the presets' whole chains")
+    parser.add_argument("--presets", default=",".join(RECONSTRUCTION_PRESETS),
+                        help="timing block: comma-separated presets whose whole chains are timed")
     parser.add_argument("--stages", action="store_true",
                         help="only the stage block: which stage of the accurate chain loses the accuracy, by depth "
                              "from the brain's edge (supersampled phantom; --datasets, --poses)")
@@ -676,8 +683,13 @@ def main():
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
         if args.evidence:
-            evidence_block(workdir, args.poses, args.datasets and args.datasets.split(","),
-                           args.candidates and args.candidates.split(";" if ";" in args.candidates else ","))
+            candidates = args.candidates and (
+                [args.candidates] if args.candidates in CANDIDATES
+                else [label.strip() for label in args.candidates.split(";" if ";" in args.candidates else ",")])
+            unknown = [label for label in candidates or () if label not in CANDIDATES]
+            if unknown:
+                parser.error(f"unknown --candidates {unknown}; known: {'; '.join(CANDIDATES)}")
+            evidence_block(workdir, args.poses, args.datasets and args.datasets.split(","), candidates)
             return
         if args.stages:
             stages_block(workdir, args.poses, args.datasets and args.datasets.split(","))
@@ -691,7 +703,7 @@ def main():
         if not args.skip_accuracy:
             accuracy_block(workdir)
         if not args.skip_timing:
-            timing_block(args.repeats, args.chains_only)
+            timing_block(args.repeats, args.chains_only, args.presets.split(","))
 
 
 if __name__ == "__main__":
