@@ -249,15 +249,16 @@ class SubjectLabels(SimpleInterface):
         cores = tuple(roi for roi in self.inputs.refine if roi not in self.BOUNDARY_ROIS)
         boundaries = tuple(roi for roi in self.inputs.refine if roi in self.BOUNDARY_ROIS)
         provenance = {}
+        voxel = _voxel_size(image)
         if cores:
-            fraction = segmentation.core_fraction(_voxel_size(image))
+            fraction = segmentation.core_fraction(voxel)
             labels = segmentation.refine_by_contrast(labels, chi, table, rois=cores, fraction=fraction,
-                                                     voxel_size=_voxel_size(image), mask=mask)
+                                                     voxel_size=voxel, mask=mask)
             provenance["Refinement"] = function_provenance(segmentation.refine_by_contrast,
                                                            {"rois": list(cores), "fraction": fraction})
         if boundaries:
             labels = segmentation.refine_boundaries(labels, chi, table, rois=boundaries,
-                                                    voxel_size=_voxel_size(image), mask=mask)
+                                                    voxel_size=voxel, mask=mask)
             provenance["BoundaryRefinement"] = function_provenance(segmentation.refine_boundaries,
                                                                    {"rois": list(boundaries)})
         self._results["dseg"] = save_like(labels, image, "dseg.nii.gz", dtype=np.int16)

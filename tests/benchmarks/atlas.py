@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     print(f"\nfirst run: {first:.0f} s")
 
     report = evaluate(tpl, res, subjects, labelled, config, root, held_out=not args.no_held_out,
-                          subject_options=options)
+                      subject_options=options)
     report["runtime_first_s"] = round(first)
     if args.no_rerun:
         (root / "benchmark.json").write_text(json.dumps(report, indent=2))
@@ -399,13 +399,13 @@ def sharpness_bound(voxel: float, members: list, *, chi_weight: float = 2.0, ble
     Each subject of ``members`` (label, age) is rebuilt as :func:`qsmflow.simulate.simulate_atlas_subject`
     builds it, but in the nominal frame (``anatomical_variation=False``, no warp): the subjects are
     then aligned exactly, apart from what no registration can align -- each subject's own random
-    sulci (unless ``sulcal_seed`` gives them one pattern), its ventricles, its chi deviations. As in the pipeline: point-spread (0.6 voxel), one
-    linear resampling (a random sub-voxel shift, standing for the deformation), noise (chi 0.01 ppm,
+    sulci (unless ``sulcal_seed`` gives them one pattern), its ventricles, its chi deviations. As
+    in the pipeline: point-spread (0.6 voxel), one linear resampling (a random sub-voxel shift, standing for the deformation), noise (chi 0.01 ppm,
     magnitude SNR 50, Rician), the hybrid (magnitude / brain median - ``chi_weight`` chi), one
     linear resampling back (the registration), masked average, sharpening; then each subject's
     correlation with that template inside its mask (what ``TemplateSharpness`` reports).
 
-    ``max_shift`` (voxels) scales the sub-voxel shifts (0: no resampling blur) and ``order`` is the
+    ``max_shift`` (voxels) bounds the sub-voxel shifts (0: no resampling blur) and ``order`` is the
     spline order of both resamplings (:func:`bound_decomposition` varies them).
 
     Returns ``noise`` (each subject's sigma_clean / sigma_noisy in its brain: the most a noisy
@@ -430,7 +430,7 @@ def sharpness_bound(voxel: float, members: list, *, chi_weight: float = 2.0, ble
         phantom = brain_phantom(shape, (voxel,) * 3, age_years=age, seed=seed, anatomical_variation=False,
                                 sulcal_seed=sulcal_seed)
         rng = np.random.default_rng(seed + 1)
-        shift = shifts.uniform(-0.5, 0.5, 3) * (max_shift / 0.5)
+        shift = shifts.uniform(-max_shift, max_shift, 3)
 
         def moved(image, by):
             return ndimage.shift(np.asarray(image, np.float32), by, order=order, mode="constant")
