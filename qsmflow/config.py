@@ -164,6 +164,7 @@ RULES: dict[str, dict] = {
     "segmentation.atlas.labels": nullable(string()),
     "segmentation.atlas.table": nullable(string()),
     "segmentation.atlas.built": nullable(string()),
+    "segmentation.atlas.built_susceptibility_weight": nullable(number(0, 0.9)),
     "segmentation.registration.preset": choice("default", "fast"),
     "segmentation.registration.seed": whole(0, 2**31 - 1),
     "segmentation.registration.n_procs": whole(1, 64),

@@ -241,6 +241,15 @@ def test_segmentation_uses_the_built_atlas_cohort_nearest_the_age(tmp_path):
     workflow = init_segmentation_wf(config, tmp_path / "out", entities={"subject": "01"}, source_file="x.nii.gz",
                                     age=80.0)
     assert workflow.get_node("atlas").inputs.template.endswith("tpl-Test_cohort-2_res-2_T2starw.nii.gz")
+    # through a built atlas the magnitude alone by default, the configured share on request; the
+    # MNI default keeps registration.susceptibility_weight
+    assert workflow.get_node("register_template").inputs.susceptibility_weight == 0.0
+    for overrides, expected in (([f"segmentation.atlas.built={folder}", "segmentation.atlas.built_susceptibility_weight=0.3"], 0.3),
+                                ([f"segmentation.atlas.built={folder}", "segmentation.atlas.built_susceptibility_weight=null"], 0.5),
+                                ([], 0.5)):
+        chosen = init_segmentation_wf(load_config(overrides=overrides), tmp_path / "out", entities={"subject": "01"},
+                                      source_file="x.nii.gz", age=80.0)
+        assert chosen.get_node("register_template").inputs.susceptibility_weight == expected, overrides
     with pytest.raises(ValueError, match="has no age"):
         init_segmentation_wf(config, tmp_path / "out", entities={"subject": "01"}, source_file="x.nii.gz")
 

@@ -118,9 +118,12 @@ def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_fil
         atlas.inputs.table = atlas_config["table"]
         atlas.inputs.name = atlas_config["name"]
     threads = int(registration["n_procs"])
+    susceptibility_weight = registration["susceptibility_weight"]
+    if built and atlas_config["built_susceptibility_weight"] is not None:
+        susceptibility_weight = atlas_config["built_susceptibility_weight"]
     register = pe.Node(RegisterTemplate(template_name=template_name, preset=registration["preset"],
                                         stages=dict(registration["stages"]), seed=int(registration["seed"]),
-                                        susceptibility_weight=float(registration["susceptibility_weight"]),
+                                        susceptibility_weight=float(susceptibility_weight),
                                         susceptibility_stages=list(registration["susceptibility_stages"])),
                        name="register_template", mem_gb=3.0, n_procs=threads)
     if built:  # the cohort's Chimap as the channel's template, its labelled template's labels carried once

@@ -357,7 +357,11 @@ def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: 
     if not held_out:
         return report
     seg = config["segmentation"]["registration"]
-    settings = [("participant default", seg["preset"], float(seg["susceptibility_weight"])), ("fast, magnitude only", "fast", 0.0)]
+    built_weight = config["segmentation"]["atlas"]["built_susceptibility_weight"]
+    # (setting, preset, chi weight through the band template, chi weight through the labelled template)
+    settings = [("participant default", seg["preset"],
+                 float(seg["susceptibility_weight"] if built_weight is None else built_weight), float(seg["susceptibility_weight"])),
+                ("fast, magnitude only", "fast", 0.0, 0.0)]
     print("\nheld-out subjects: Dice with the band template nearest the age (atlas.band_template_for_age) | "
           "with the labelled adult template")
     report["held_out"] = {}
@@ -373,9 +377,9 @@ def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: 
         # once (scan -> cohort -> labelled template), when the atlas has them
         band_atlas = band_segmentation_atlas(files)
         report["held_out"][label] = {"age": age, "cohort": files["cohort"]}
-        for setting, preset, weight in settings:
+        for setting, preset, band_weight, default_weight in settings:
             results = {}
-            for source, template in (("band", band_atlas), ("default", labelled)):
+            for source, template, weight in (("band", band_atlas, band_weight), ("default", labelled, default_weight)):
                 start = time.perf_counter()
                 labels, _, _ = segmentation.template_to_subject(
                     subject.magnitude, subject.brain_mask, subject.affine, template, preset=preset, threads=1,
@@ -386,7 +390,8 @@ def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: 
                                    for roi in ("CN", "PU", "GP", "TH")}
                 results[source]["seconds"] = round(elapsed, 1)
             report["held_out"][label][setting] = results
-            print(f"  {label} ({age:g} y, cohort {files['cohort']}), {setting} (preset {preset}, chi weight {weight:g}): "
+            print(f"  {label} ({age:g} y, cohort {files['cohort']}), {setting} (preset {preset}, chi weight "
+                  f"{band_weight:g} | {default_weight:g}): "
                   + " ".join(f"{r} {results['band'][r]:.2f}|{results['default'][r]:.2f}" for r in ("CN", "PU", "GP", "TH"))
                   + f"   ({results['band']['seconds']:.0f} s | {results['default']['seconds']:.0f} s)", flush=True)
     return report
