@@ -37,6 +37,14 @@ def segmentation_outputs(entities: dict, template_name: str) -> dict:
     }
 
 
+def susceptibility_weight(segmentation: dict, *, built: bool) -> float:
+    """The susceptibility channel's share of the registration metric: through a built atlas
+    ``atlas.built_susceptibility_weight`` unless it is null, else ``registration.susceptibility_weight``
+    (``segmentation`` is the config's ``segmentation`` section)."""
+    chosen = segmentation["atlas"]["built_susceptibility_weight"] if built else None
+    return float(segmentation["registration"]["susceptibility_weight"] if chosen is None else chosen)
+
+
 def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_file: str, with_t1w: bool = False,
                          age: float | None = None, name: str = "segmentation_wf"):
     """Segment one scan: register the atlas template to it, carry the labels, reference the
@@ -118,12 +126,9 @@ def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_fil
         atlas.inputs.table = atlas_config["table"]
         atlas.inputs.name = atlas_config["name"]
     threads = int(registration["n_procs"])
-    susceptibility_weight = registration["susceptibility_weight"]
-    if built and atlas_config["built_susceptibility_weight"] is not None:
-        susceptibility_weight = atlas_config["built_susceptibility_weight"]
     register = pe.Node(RegisterTemplate(template_name=template_name, preset=registration["preset"],
                                         stages=dict(registration["stages"]), seed=int(registration["seed"]),
-                                        susceptibility_weight=float(susceptibility_weight),
+                                        susceptibility_weight=susceptibility_weight(segmentation, built=bool(built)),
                                         susceptibility_stages=list(registration["susceptibility_stages"])),
                        name="register_template", mem_gb=3.0, n_procs=threads)
     if built:  # the cohort's Chimap as the channel's template, its labelled template's labels carried once

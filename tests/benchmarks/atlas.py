@@ -356,11 +356,12 @@ def evaluate(tpl: Path, res: str, subjects: dict, labelled, config: dict, root: 
     # age-matched segmentation of held-out subjects
     if not held_out:
         return report
-    seg = config["segmentation"]["registration"]
-    built_weight = config["segmentation"]["atlas"]["built_susceptibility_weight"]
+    from qsmflow.workflows.segmentation import susceptibility_weight
+
     # (setting, preset, chi weight through the band template, chi weight through the labelled template)
-    settings = [("participant default", seg["preset"],
-                 float(seg["susceptibility_weight"] if built_weight is None else built_weight), float(seg["susceptibility_weight"])),
+    settings = [("participant default", config["segmentation"]["registration"]["preset"],
+                 susceptibility_weight(config["segmentation"], built=True),
+                 susceptibility_weight(config["segmentation"], built=False)),
                 ("fast, magnitude only", "fast", 0.0, 0.0)]
     print("\nheld-out subjects: Dice with the band template nearest the age (atlas.band_template_for_age) | "
           "with the labelled adult template")
@@ -405,8 +406,8 @@ def sharpness_bound(voxel: float, members: list, *, chi_weight: float = 2.0, ble
     builds it, but in the nominal frame (``anatomical_variation=False``, no warp): the subjects are
     then aligned exactly, apart from what no registration can align -- each subject's own random
     sulci (unless ``sulcal_seed`` gives them one pattern), its ventricles, its chi deviations. As
-    in the pipeline: point-spread (0.6 voxel), one linear resampling (a random sub-voxel shift, standing for the deformation), noise (chi 0.01 ppm,
-    magnitude SNR 50, Rician), the hybrid (magnitude / brain median - ``chi_weight`` chi), one
+    in the pipeline: point-spread (0.6 voxel), one linear resampling (a random sub-voxel shift,
+    standing for the deformation), noise (chi 0.01 ppm, magnitude SNR 50, Rician), the hybrid (magnitude / brain median - ``chi_weight`` chi), one
     linear resampling back (the registration), masked average, sharpening; then each subject's
     correlation with that template inside its mask (what ``TemplateSharpness`` reports).
 
