@@ -683,6 +683,41 @@ def refine_boundaries(labels, chi, table, *, rois=("GP",), voxel_size=(1.0, 1.0,
     return refined
 
 
+#: ROIs whose boundary against labelled neighbours :func:`refine_labels` moves; the others are
+#: narrowed to their core.
+BOUNDARY_ROIS = ("GP",)
+
+
+def refine_labels(labels, chi, table, *, rois=("RN", "SN", "DN", "GP"), voxel_size=(1.0, 1.0, 1.0),
+                  mask=None) -> tuple[np.ndarray, dict]:
+    """A scan's final labels, as a participant run writes them: the carried atlas labels refined
+    in its Chimap.
+
+    RN, SN and DN (any of ``rois`` not in :data:`BOUNDARY_ROIS`) are narrowed to their
+    paramagnetic core (:func:`refine_by_contrast`, with :func:`core_fraction` of the voxel), then
+    GP's boundary against its labelled neighbours is moved to its contrast
+    (:func:`refine_boundaries`).
+
+    Returns
+    -------
+    labels : int16 array
+    settings : dict
+        ``{"cores": [...], "fraction": f}`` and ``{"boundaries": [...]}`` for what was refined
+        (empty when ``rois`` is).
+    """
+    cores = tuple(roi for roi in rois if roi not in BOUNDARY_ROIS)
+    boundaries = tuple(roi for roi in rois if roi in BOUNDARY_ROIS)
+    settings = {}
+    if cores:
+        fraction = core_fraction(voxel_size)
+        labels = refine_by_contrast(labels, chi, table, rois=cores, fraction=fraction, voxel_size=voxel_size, mask=mask)
+        settings.update(cores=list(cores), fraction=fraction)
+    if boundaries:
+        labels = refine_boundaries(labels, chi, table, rois=boundaries, voxel_size=voxel_size, mask=mask)
+        settings.update(boundaries=list(boundaries))
+    return np.asarray(labels, dtype=np.int16), settings
+
+
 def erode_labels(labels, erosion_mm: float, voxel_size) -> np.ndarray:
     """Remove voxels within ``erosion_mm`` of each label's boundary (labels that would vanish are
     kept whole, so that no ROI disappears silently; :func:`roi_statistics` reports the voxels used)."""

@@ -174,6 +174,39 @@ def test_boundary_refinement_moves_a_shrunk_gp_to_its_contrast_against_labelled_
     assert np.array_equal(segmentation.refine_boundaries(labels, chi, table, rois=("SN",)), labels)
 
 
+def test_final_labels_narrow_the_small_nuclei_then_move_gps_boundary():
+    """refine_labels, what SubjectLabels writes: an RN label too large around its core is narrowed,
+    a shrunk GP between PU and IC grows to its contrast, in one call; nothing listed, nothing changed."""
+    from scipy import ndimage
+
+    shape = (40, 40, 48)
+    z, y, x = np.indices(shape)
+    true = np.where((x >= 10) & (x < 14) & (abs(y - 20) < 12) & (abs(z - 20) < 12), 3, 0).astype(np.int16)  # IC
+    true[(x - 20) ** 2 + (y - 20) ** 2 + (z - 20) ** 2 <= 36] = 1  # GP
+    true[(x >= 26) & (x < 34) & (abs(y - 20) < 10) & (abs(z - 20) < 10) & (true == 0)] = 2  # PU
+    true[(x - 20) ** 2 + (y - 20) ** 2 + (z - 40) ** 2 <= 9] = 4  # RN
+    chi = ndimage.gaussian_filter(np.array([-0.02, 0.18, 0.08, -0.04, 0.15], np.float32)[true], 0.7)
+    chi += np.random.default_rng(4).normal(0, 0.003, shape).astype(np.float32)
+    labels = true.copy()
+    labels[labels == 1] = 0
+    labels[((x - 18) ** 2 + (y - 20) ** 2 + (z - 20) ** 2 <= 30) & (true != 2)] = 1
+    labels[((x - 21) ** 2 + (y - 20) ** 2 + (z - 41) ** 2 <= 20)] = 4
+    table = _table((1, "GP", "left", "deep_grey"), (2, "PU", "left", "deep_grey"), (3, "IC", "left", "white_matter"),
+                   (4, "RN", "left", "deep_grey"))
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    final, settings = segmentation.refine_labels(labels, chi, table, rois=("RN", "GP"), voxel_size=(1, 1, 1))
+    assert final.dtype == np.int16
+    assert settings == {"cores": ["RN"], "fraction": segmentation.core_fraction((1, 1, 1)), "boundaries": ["GP"]}
+    for index in (1, 4):
+        assert dice(labels == index, true == index) < 0.85 < 0.9 < dice(final == index, true == index)
+    unchanged, none = segmentation.refine_labels(labels, chi, table, rois=(), voxel_size=(1, 1, 1))
+    np.testing.assert_array_equal(unchanged, labels)
+    assert none == {}
+
+
 def test_reference_regions():
     shape = (40, 40, 40)
     grid = np.indices(shape)

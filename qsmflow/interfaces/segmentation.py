@@ -230,11 +230,8 @@ class _LabelsOutputSpec(TraitedSpec):
 
 class SubjectLabels(SimpleInterface):
     """Final subject-space labels: the warped atlas, with the small iron-rich nuclei narrowed to
-    their paramagnetic core (:func:`qsmflow.segmentation.refine_by_contrast`) and then GP's
-    boundary moved to its contrast (:func:`qsmflow.segmentation.refine_boundaries`)."""
-
-    #: ROIs whose boundary against labelled neighbours moves (the others are narrowed to their core).
-    BOUNDARY_ROIS = ("GP",)
+    their paramagnetic core and then GP's boundary moved to its contrast
+    (:func:`qsmflow.segmentation.refine_labels`)."""
 
     input_spec = _LabelsInputSpec
     output_spec = _LabelsOutputSpec
@@ -246,21 +243,15 @@ class SubjectLabels(SimpleInterface):
         chi, _ = load_volume(self.inputs.chi)
         mask = load_volume(self.inputs.qsm_mask, dtype=np.uint8)[0] > 0
         table = segmentation.read_table(self.inputs.table)
-        cores = tuple(roi for roi in self.inputs.refine if roi not in self.BOUNDARY_ROIS)
-        boundaries = tuple(roi for roi in self.inputs.refine if roi in self.BOUNDARY_ROIS)
+        labels, settings = segmentation.refine_labels(labels, chi, table, rois=tuple(self.inputs.refine),
+                                                      voxel_size=_voxel_size(image), mask=mask)
         provenance = {}
-        voxel = _voxel_size(image)
-        if cores:
-            fraction = segmentation.core_fraction(voxel)
-            labels = segmentation.refine_by_contrast(labels, chi, table, rois=cores, fraction=fraction,
-                                                     voxel_size=voxel, mask=mask)
+        if "cores" in settings:
             provenance["Refinement"] = function_provenance(segmentation.refine_by_contrast,
-                                                           {"rois": list(cores), "fraction": fraction})
-        if boundaries:
-            labels = segmentation.refine_boundaries(labels, chi, table, rois=boundaries,
-                                                    voxel_size=voxel, mask=mask)
+                                                           {"rois": settings["cores"], "fraction": settings["fraction"]})
+        if "boundaries" in settings:
             provenance["BoundaryRefinement"] = function_provenance(segmentation.refine_boundaries,
-                                                                   {"rois": list(boundaries)})
+                                                                   {"rois": settings["boundaries"]})
         self._results["dseg"] = save_like(labels, image, "dseg.nii.gz", dtype=np.int16)
         shutil.copyfile(self.inputs.table, "dseg.tsv")
         self._results["dseg_tsv"] = str(Path("dseg.tsv").resolve())
