@@ -686,6 +686,8 @@ def refine_boundaries(labels, chi, table, *, rois=("GP",), voxel_size=(1.0, 1.0,
 #: ROIs whose boundary against labelled neighbours :func:`refine_labels` moves; the others are
 #: narrowed to their core.
 BOUNDARY_ROIS = ("GP",)
+#: Width (mm) of the band on either side of a boundary that :func:`refine_labels` moves.
+BOUNDARY_BAND_MM = 2.0
 
 
 def refine_labels(labels, chi, table, *, rois=("RN", "SN", "DN", "GP"), voxel_size=(1.0, 1.0, 1.0),
@@ -698,12 +700,19 @@ def refine_labels(labels, chi, table, *, rois=("RN", "SN", "DN", "GP"), voxel_si
     GP's boundary against its labelled neighbours is moved to its contrast
     (:func:`refine_boundaries`).
 
+    The boundary's band is :data:`BOUNDARY_BAND_MM` wide. Voxels wider than that in every
+    direction leave it empty, and the boundary is not moved; ``settings`` then says so
+    (``boundaries_skipped``). A band of one voxel at 3 mm was measured and not adopted: on the
+    atlas benchmark's held-out subjects (3, 5, 74, 82 years; band and labelled templates) GP's
+    Dice moved by -0.05 to +0.21 and PU's fell by 0.02-0.05 in every case, because at 3 mm the
+    boundary is a single voxel of partial volume.
+
     Returns
     -------
     labels : int16 array
     settings : dict
-        ``{"cores": [...], "fraction": f}`` and ``{"boundaries": [...]}`` for what was refined
-        (empty when ``rois`` is).
+        ``{"cores": [...], "fraction": f}`` and ``{"boundaries": [...]}`` for what was refined,
+        or ``{"boundaries_skipped": reason}`` (empty when ``rois`` is).
     """
     cores = tuple(roi for roi in rois if roi not in BOUNDARY_ROIS)
     boundaries = tuple(roi for roi in rois if roi in BOUNDARY_ROIS)
@@ -712,8 +721,12 @@ def refine_labels(labels, chi, table, *, rois=("RN", "SN", "DN", "GP"), voxel_si
         fraction = core_fraction(voxel_size)
         labels = refine_by_contrast(labels, chi, table, rois=cores, fraction=fraction, voxel_size=voxel_size, mask=mask)
         settings.update(cores=list(cores), fraction=fraction)
-    if boundaries:
-        labels = refine_boundaries(labels, chi, table, rois=boundaries, voxel_size=voxel_size, mask=mask)
+    if boundaries and min(voxel_size) > BOUNDARY_BAND_MM:
+        settings.update(boundaries_skipped=f"{'/'.join(boundaries)} not moved: the voxel ({min(voxel_size):g} mm at its "
+                                           f"narrowest) is wider than the {BOUNDARY_BAND_MM:g} mm boundary band")
+    elif boundaries:
+        labels = refine_boundaries(labels, chi, table, rois=boundaries, voxel_size=voxel_size,
+                                   band_mm=BOUNDARY_BAND_MM, mask=mask)
         settings.update(boundaries=list(boundaries))
     return np.asarray(labels, dtype=np.int16), settings
 

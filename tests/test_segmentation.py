@@ -202,6 +202,10 @@ def test_final_labels_narrow_the_small_nuclei_then_move_gps_boundary():
     assert settings == {"cores": ["RN"], "fraction": segmentation.core_fraction((1, 1, 1)), "boundaries": ["GP"]}
     for index in (1, 4):
         assert dice(labels == index, true == index) < 0.85 < 0.9 < dice(final == index, true == index)
+    # Voxels wider than the boundary band: GP is not moved, and the settings say so.
+    coarse, skipped = segmentation.refine_labels(labels, chi, table, rois=("GP",), voxel_size=(3, 3, 3))
+    np.testing.assert_array_equal(coarse, labels)
+    assert list(skipped) == ["boundaries_skipped"] and "3 mm" in skipped["boundaries_skipped"]
     unchanged, none = segmentation.refine_labels(labels, chi, table, rois=(), voxel_size=(1, 1, 1))
     np.testing.assert_array_equal(unchanged, labels)
     assert none == {}
@@ -459,6 +463,13 @@ def test_segmentation_workflow_outputs_cache_and_reruns(tmp_path, request):
 
     sidecar = json.loads((anat / "sub-01_Chimap.json").read_text())
     assert segmentation.REFERENCE_METHODS["csf"] in json.dumps(sidecar)
+    # The dseg's sidecar says how the labels were made: atlas, registration, refinement (at
+    # 4 mm GP's boundary band holds no voxel, and the sidecar says it was skipped).
+    labels_sidecar = json.loads((anat / "sub-01_dseg.json").read_text())
+    assert labels_sidecar["Registration"]["Preset"] == "fast" and "RandomSeed" in labels_sidecar["Registration"]
+    assert labels_sidecar["AtlasProvenance"]["Template"] == segmentation.DEFAULT_TEMPLATE
+    assert labels_sidecar["LabelRefinement"]["Refinement"]["Parameters"]["rois"] == ["RN", "SN", "DN"]
+    assert labels_sidecar["LabelRefinement"]["BoundaryRefinement"].startswith("skipped: GP not moved")
     with open(anat / names["roistats"]) as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     assert len(rows) == len(table)

@@ -173,6 +173,8 @@ def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_fil
     writer = pe.Node(WriteDerivatives(output_dir=str(output_dir), specs=specs), name="write_segmentation",
                      mem_gb=0.5, n_procs=1)
     writer.overwrite = True
+    # what the atlas, the registration and the label refinement did, in the dseg's sidecar
+    provenance = pe.Node(niu.Merge(3), name="collect_segmentation_provenance", run_without_submitting=True)
 
     if with_t1w:
         t1w = pe.Node(RegisterT1wToMagnitude(seed=int(registration["seed"])), name="t1w_to_magnitude",
@@ -205,6 +207,10 @@ def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_fil
         (to_template, merge, [("chi", "in5")]),
         (stats, merge, [("roistats", "in6")]),
         (merge, writer, [("out", "in_files")]),
+        (atlas, provenance, [("provenance", "in1")]),
+        (register, provenance, [("provenance", "in2")]),
+        (labels, provenance, [("provenance", "in3")]),
+        (provenance, writer, [(("out", _dseg_sidecar, len(specs)), "metadata")]),
         (reference, outputnode, [("chi", "chi"), ("provenance", "reference_provenance")]),
         (labels, outputnode, [("dseg", "dseg"), ("dseg_tsv", "dseg_tsv")]),
         (stats, outputnode, [("roistats", "roistats")]),
@@ -214,6 +220,13 @@ def init_segmentation_wf(config: dict, output_dir, *, entities: dict, source_fil
         (writer, outputnode, [("out_files", "out_files")]),
     ])
     return workflow
+
+
+def _dseg_sidecar(provenances: list, count: int) -> list:
+    """Sidecar additions for the segmentation's derivatives: the atlas', registration's and label
+    refinement's provenance on the dseg (the first), nothing on the others."""
+    atlas, registration, labels = provenances
+    return [{"AtlasProvenance": atlas, "Registration": registration, "LabelRefinement": labels}] + [{}] * (count - 1)
 
 
 def _reference_name(provenance: dict) -> str:

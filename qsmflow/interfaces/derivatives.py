@@ -31,6 +31,9 @@ class _WriteDerivativesInputSpec(BaseInterfaceInputSpec):
     specs = traits.List(traits.Dict, mandatory=True, desc=(
         "one dict per file: entities (dict), suffix, and optionally extension, datatype (default anat) and "
         "metadata (the JSON sidecar); written in this order, so the unit's done-marker goes last"))
+    metadata = traits.List(traits.Dict, desc=(
+        "one dict per file, in the order of specs, merged into its sidecar (what earlier nodes did, "
+        "e.g. the registration's settings); {} for none"))
 
 
 class _WriteDerivativesOutputSpec(TraitedSpec):
@@ -52,11 +55,15 @@ class WriteDerivatives(SimpleInterface):
     def _run_interface(self, runtime):
         if len(self.inputs.in_files) != len(self.inputs.specs):
             raise ValueError(f"{len(self.inputs.in_files)} files for {len(self.inputs.specs)} derivative specs")
+        updates = list(self.inputs.metadata) if isdefined(self.inputs.metadata) else [{}] * len(self.inputs.specs)
+        if len(updates) != len(self.inputs.specs):
+            raise ValueError(f"{len(updates)} metadata updates for {len(self.inputs.specs)} derivative specs")
         written = []
-        for source, spec in zip(self.inputs.in_files, self.inputs.specs):
+        for source, spec, update in zip(self.inputs.in_files, self.inputs.specs, updates):
+            metadata = {**(spec.get("metadata") or {}), **update} if update else spec.get("metadata")
             written.append(str(write_derivative(
                 self.inputs.output_dir, source, spec["entities"], spec["suffix"], extension=spec.get("extension"),
-                datatype=spec.get("datatype", "anat"), metadata=spec.get("metadata"),
+                datatype=spec.get("datatype", "anat"), metadata=metadata,
             )))
         self._results["out_files"] = written
         return runtime

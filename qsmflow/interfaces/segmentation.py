@@ -251,7 +251,10 @@ class SubjectLabels(SimpleInterface):
                                                            {"rois": settings["cores"], "fraction": settings["fraction"]})
         if "boundaries" in settings:
             provenance["BoundaryRefinement"] = function_provenance(segmentation.refine_boundaries,
-                                                                   {"rois": settings["boundaries"]})
+                                                                   {"rois": settings["boundaries"],
+                                                                    "band_mm": segmentation.BOUNDARY_BAND_MM})
+        if "boundaries_skipped" in settings:
+            provenance["BoundaryRefinement"] = "skipped: " + settings["boundaries_skipped"]
         self._results["dseg"] = save_like(labels, image, "dseg.nii.gz", dtype=np.int16)
         shutil.copyfile(self.inputs.table, "dseg.tsv")
         self._results["dseg_tsv"] = str(Path("dseg.tsv").resolve())
